@@ -1,0 +1,157 @@
+"""CPU pool-adjacent-violators for the decreasing isotonic problem, one row per thread.
+
+Invariant of the block stack while scanning a row left to right: block values are strictly
+decreasing from bottom to top. A new element is pushed as its own block; while the block below
+the top has a value <= the top's, the two are pooled. Block sums are accumulated in float64.
+Blocks are contiguous runs, numbered 0, 1, ... from the left of the row (int32 block ids).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _logaddexp(m1, s1, m2, s2):
+    """(max, scaled sum) of two log-sum-exp accumulators: lse = max + log(scaled sum)."""
+    if m1 >= m2:
+        return m1, s1 + s2 * math.exp(m2 - m1)
+    return m2, s2 + s1 * math.exp(m1 - m2)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fill_blocks(counts, values, top, sol_row, block_row):
+    i = 0
+    for b in range(top + 1):
+        for _ in range(counts[b]):
+            sol_row[i] = values[b]
+            block_row[i] = b
+            i += 1
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _pav_l2(s, w, sol, blocks):
+    """Block value mean(s_B - w_B)."""
+    rows, n = s.shape
+    for r in numba.prange(rows):
+        sums = np.empty(n, dtype=np.float64)
+        counts = np.empty(n, dtype=np.int64)
+        values = np.empty(n, dtype=np.float64)
+        top = -1
+        for i in range(n):
+            top += 1
+            sums[top] = np.float64(s[r, i]) - np.float64(w[r, i])
+            counts[top] = 1
+            values[top] = sums[top]
+            while top > 0 and values[top - 1] <= values[top]:
+                sums[top - 1] += sums[top]
+                counts[top - 1] += counts[top]
+                values[top - 1] = sums[top - 1] / counts[top - 1]
+                top -= 1
+        _fill_blocks(counts, values, top, sol[r], blocks[r])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _pav_kl(s, w, sol, blocks):
+    """Block value logsumexp(s_B) - logsumexp(w_B), each accumulated max-shifted."""
+    rows, n = s.shape
+    for r in numba.prange(rows):
+        max_s = np.empty(n, dtype=np.float64)
+        sum_s = np.empty(n, dtype=np.float64)
+        max_w = np.empty(n, dtype=np.float64)
+        sum_w = np.empty(n, dtype=np.float64)
+        counts = np.empty(n, dtype=np.int64)
+        values = np.empty(n, dtype=np.float64)
+        top = -1
+        for i in range(n):
+            top += 1
+            max_s[top] = s[r, i]
+            sum_s[top] = 1.0
+            max_w[top] = w[r, i]
+            sum_w[top] = 1.0
+            counts[top] = 1
+            values[top] = max_s[top] - max_w[top]
+            while top > 0 and values[top - 1] <= values[top]:
+                b = top - 1
+                max_s[b], sum_s[b] = _logaddexp(max_s[b], sum_s[b], max_s[top], sum_s[top])
+                max_w[b], sum_w[b] = _logaddexp(max_w[b], sum_w[b], max_w[top], sum_w[top])
+                counts[b] += counts[top]
+                values[b] = (max_s[b] + math.log(sum_s[b])) - (max_w[b] + math.log(sum_w[b]))
+                top = b
+        _fill_blocks(counts, values, top, sol[r], blocks[r])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _vjp_l2(g, blocks, grad_s, grad_w):
+    """d mean(s_B - w_B): grad_s = blockmean(g), grad_w = -blockmean(g)."""
+    rows, n = g.shape
+    for r in numba.prange(rows):
+        a = 0
+        while a < n:
+            b = a + 1
+            while b < n and blocks[r, b] == blocks[r, a]:
+                b += 1
+            total = 0.0
+            for i in range(a, b):
+                total += g[r, i]
+            mean = total / (b - a)
+            for i in range(a, b):
+                grad_s[r, i] = mean
+                grad_w[r, i] = -mean
+            a = b
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _block_softmax_times(x_row, a, b, scale, out_row):
+    """out_row[a:b] = softmax(x_row[a:b]) * scale, max-shifted."""
+    m = -np.inf
+    for i in range(a, b):
+        m = max(m, np.float64(x_row[i]))
+    z = 0.0
+    for i in range(a, b):
+        z += math.exp(np.float64(x_row[i]) - m)
+    for i in range(a, b):
+        out_row[i] = math.exp(np.float64(x_row[i]) - m) / z * scale
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _vjp_kl(g, s, w, blocks, grad_s, grad_w):
+    """d (lse(s_B) - lse(w_B)): grad_s = softmax(s_B) * sum_B g, grad_w = -softmax(w_B) * sum_B g."""
+    rows, n = g.shape
+    for r in numba.prange(rows):
+        a = 0
+        while a < n:
+            b = a + 1
+            while b < n and blocks[r, b] == blocks[r, a]:
+                b += 1
+            total = 0.0
+            for i in range(a, b):
+                total += g[r, i]
+            _block_softmax_times(s[r], a, b, total, grad_s[r])
+            _block_softmax_times(w[r], a, b, -total, grad_w[r])
+            a = b
+
+
+def isotonic_rows(s: np.ndarray, w: np.ndarray, regularization: str):
+    """s (rows, n), w (rows or 1, n) -> (solution with s's dtype, int32 block ids)."""
+    w = np.broadcast_to(w, s.shape)  # a shared row is read through a zero stride, not copied
+    sol = np.empty(s.shape, dtype=s.dtype)
+    blocks = np.empty(s.shape, dtype=np.int32)
+    if s.size:
+        (_pav_l2 if regularization == "l2" else _pav_kl)(s, w, sol, blocks)
+    return sol, blocks
+
+
+def isotonic_vjp_rows(g, s, w, blocks, regularization: str):
+    w = np.broadcast_to(w, s.shape)
+    grad_s = np.empty(g.shape, dtype=g.dtype)
+    grad_w = np.empty(g.shape, dtype=g.dtype)
+    if g.size:
+        if regularization == "l2":
+            _vjp_l2(g, blocks, grad_s, grad_w)
+        else:
+            _vjp_kl(g, s, w, blocks, grad_s, grad_w)
+    return grad_s, grad_w

@@ -1,0 +1,55 @@
+"""CPU top-k: a bounded insertion buffer per row for small k, a full keyed sort otherwise.
+
+Keys are in IEEE totalOrder (as `jax.lax.top_k`); the buffer holds the best k (key, column)
+pairs seen so far, best first. Columns arrive in increasing order, so a newcomer with a key
+equal to the k-th best loses the tie (lower index wins) and only a strictly larger key enters.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .._keys import total_order_keys
+from ..segmented_sort._cpu import argsort_rows_by_key
+
+SMALL_K = 64
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _top_k_insertion(keys, k, indices):
+    rows, n = keys.shape
+    for r in numba.prange(rows):
+        best_keys = np.empty(k, dtype=keys.dtype)
+        best_cols = np.empty(k, dtype=np.int32)
+        filled = 0
+        for j in range(n):
+            key = keys[r, j]
+            if filled == k:
+                if key <= best_keys[k - 1]:
+                    continue
+                p = k - 1
+            else:
+                p = filled
+                filled += 1
+            while p > 0 and best_keys[p - 1] < key:
+                best_keys[p] = best_keys[p - 1]
+                best_cols[p] = best_cols[p - 1]
+                p -= 1
+            best_keys[p] = key
+            best_cols[p] = j
+        indices[r, :] = best_cols
+
+
+def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, int32 indices) of the k largest entries of each row, largest first."""
+    num_rows, n = rows.shape
+    if k == 0 or num_rows == 0:
+        return np.empty((num_rows, k), rows.dtype), np.empty((num_rows, k), np.int32)
+    if k <= SMALL_K and 8 * k <= n:
+        indices = np.empty((num_rows, k), dtype=np.int32)
+        _top_k_insertion(total_order_keys(rows), k, indices)
+    else:
+        indices = np.ascontiguousarray(
+            argsort_rows_by_key(rows, lambda a: ~total_order_keys(a))[:, :k])
+    return np.take_along_axis(rows, indices, axis=-1), indices
