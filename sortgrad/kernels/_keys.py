@@ -1,58 +1,119 @@
-"""Order-preserving maps from numbers to unsigned integer keys (CPU, vectorised NumPy).
+"""Order-preserving maps from numbers to unsigned integer keys (CPU, Numba).
 
 Two orders are used, matching JAX:
 - sort order (`jnp.sort`, `jnp.argsort`): -0.0 == +0.0, every NaN (any sign, any payload) equal
-  to every other NaN and after +inf;
+  to every other NaN and above +inf;
 - total order (`jax.lax.top_k`): IEEE 754 totalOrder on the bits, so -NaN < -inf < ... < -0.0 <
   +0.0 < ... < +inf < +NaN.
-Unsigned comparison of the keys gives the order; ties in the key are ties of the order.
+Unsigned comparison of the keys gives the order; equal keys are ties of the order. A
+descending key is the bitwise complement of the ascending one, so an ascending stable sort of
+it is a stable descending sort.
+
+Numba kernels read the raw bits (the array viewed as unsigned integers of its width) and do all
+arithmetic in uint64 (mixing signed and unsigned 64-bit integers would promote to float).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numba
 import numpy as np
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
+                  "float64": 0x7FF0000000000000}
+
+KIND_UNSIGNED, KIND_SIGNED, KIND_FLOAT = 0, 1, 2
 
 
-def key_dtype(dtype: np.dtype) -> np.dtype:
+def key_dtype(dtype) -> np.dtype:
     return np.dtype(_UINT_OF_SIZE[np.dtype(dtype).itemsize])
 
 
-def _is_float(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype.name == "bfloat16"
+class KeySpec(NamedTuple):
+    """How to turn the raw bits of one dtype into keys (all masks as uint64)."""
+    kind: int
+    canonical: bool      # sort order: fold -0.0 into +0.0 and all NaNs into one key
+    descending: bool
+    sign: np.uint64      # the top bit of the width
+    abs_mask: np.uint64  # all bits but the sign
+    exp_mask: np.uint64  # bits of +inf (floats)
+    all_ones: np.uint64  # all bits of the width
 
 
-def _float_bits_to_key(bits: np.ndarray) -> np.ndarray:
-    """Sign-magnitude float bits -> unsigned keys in IEEE totalOrder."""
-    width = bits.dtype.itemsize * 8
-    sign_bit = bits.dtype.type(1 << (width - 1))
-    negative = (bits & sign_bit) != 0
-    return np.where(negative, ~bits, bits | sign_bit)
+def key_spec(dtype, *, canonical: bool, descending: bool = False) -> KeySpec:
+    dtype = np.dtype(dtype)
+    width = dtype.itemsize * 8
+    all_ones = (1 << width) - 1
+    sign = 1 << (width - 1)
+    if dtype.name in _EXPONENT_MASK:
+        kind = KIND_FLOAT
+    elif dtype.kind == "i":
+        kind = KIND_SIGNED
+    else:
+        kind = KIND_UNSIGNED  # unsigned integers and bool
+    return KeySpec(kind, canonical, descending, np.uint64(sign), np.uint64(all_ones ^ sign),
+                   np.uint64(_EXPONENT_MASK.get(dtype.name, 0)), np.uint64(all_ones))
 
 
-def total_order_keys(x: np.ndarray) -> np.ndarray:
-    """Keys in IEEE totalOrder for floats, numeric order for integers."""
-    dtype = x.dtype
-    if dtype == np.bool_:
-        return x.view(np.uint8)
-    kdt = key_dtype(dtype)
-    bits = x.view(kdt)
-    if _is_float(dtype):
-        return _float_bits_to_key(bits)
-    if dtype.kind == "i":
-        return bits ^ kdt.type(1 << (kdt.itemsize * 8 - 1))
-    return bits
+def raw_bits(x: np.ndarray) -> np.ndarray:
+    return x.view(key_dtype(x.dtype))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def key_of(bits, spec):
+    """The uint64 key of one element given its raw bits (any unsigned width)."""
+    b = np.uint64(bits)
+    kind, canonical, descending, sign, abs_mask, exp_mask, all_ones = spec
+    if kind == 2:
+        magnitude = b & abs_mask
+        if canonical and magnitude > exp_mask:
+            key = all_ones                      # NaN: one key, above +inf
+        elif canonical and magnitude == 0:
+            key = sign                          # -0.0 and +0.0: the key of +0.0
+        elif b & sign:
+            key = (~b) & all_ones               # negative: reverse the magnitude order
+        else:
+            key = b | sign
+    elif kind == 1:
+        key = b ^ sign
+    else:
+        key = b
+    if descending:
+        key = key ^ all_ones
+    return key
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _keys_kernel(bits, spec, out):
+    for i in numba.prange(bits.shape[0]):
+        out[i] = key_of(bits[i], spec)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def composite_keys(bits, spec, out):
+    """out[r, j] = key(bits[r, j]) << 32 | j for keys of at most 32 bits: unique per row, so
+    any sort of a row by them is the stable sort by key."""
+    rows, n = bits.shape
+    for r in numba.prange(rows):
+        for j in range(n):
+            out[r, j] = (key_of(bits[r, j], spec) << np.uint64(32)) | np.uint64(j)
+
+
+def keys(x: np.ndarray, spec: KeySpec) -> np.ndarray:
+    """Keys of every element, in the unsigned dtype of x's width."""
+    out = np.empty(x.shape, dtype=key_dtype(x.dtype))
+    if x.size:
+        _keys_kernel(np.ascontiguousarray(raw_bits(x)).reshape(-1), spec, out.reshape(-1))
+    return out
 
 
 def sort_keys(x: np.ndarray, descending: bool = False) -> np.ndarray:
-    """Keys in the order of `jnp.sort` (zeros equal, NaNs equal and last); complemented when
-    descending, so that an ascending stable sort of the keys is a stable descending sort."""
-    keys = total_order_keys(x)
-    if _is_float(x.dtype):
-        kdt = keys.dtype.type
-        keys = np.where(x == 0, kdt(1 << (keys.dtype.itemsize * 8 - 1)), keys)
-        keys = np.where(np.isnan(x), kdt(np.iinfo(keys.dtype).max), keys)
-    if descending:
-        keys = ~keys
-    return keys
+    """Keys in the order of `jnp.sort`."""
+    return keys(x, key_spec(x.dtype, canonical=True, descending=descending))
+
+
+def total_order_keys(x: np.ndarray, descending: bool = False) -> np.ndarray:
+    """Keys in IEEE totalOrder for floats, numeric order for integers."""
+    return keys(x, key_spec(x.dtype, canonical=False, descending=descending))

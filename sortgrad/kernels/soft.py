@@ -1,11 +1,13 @@
-"""Soft sort, soft rank and the soft top-k mask as compositions of the kernels (Blondel et al.
-2020): sort -> isotonic regression -> permutation scatter, and their VJPs.
+"""Soft sort, soft rank and the soft top-k mask (Blondel et al. 2020) on CPU rows: a stable
+sort (`segmented_sort`), then one fused row-parallel Numba pass per op that runs the isotonic
+regression (`pav_*_row`) and scatters the result back through the permutation.
 
-All functions take rows (rows, n) and work in float64 internally (the sort runs on the input
-itself, in its own dtype: dividing by eps > 0 or negating does not change which permutation
-sorts a row, only the tie order, and tied entries always end up in one pooled block).
+All functions take C-contiguous rows (rows, n) of float32 or float64 and compute in float64.
+The sort runs on x itself: scaling by 1/eps > 0 (and negating, by sorting the other way) does
+not change which permutation sorts a row, only the order of ties, and tied entries always
+end up in one pooled block (or in blocks of equal value), so every output is tie-order free.
 Residuals are the int32 sorting permutation `perm` and the int32 `block_ids` of the pooled
-blocks; nothing is recomputed with tolerances. Rows containing NaN or +-inf give NaN in every
+blocks; nothing is recomputed with tolerances. A row holding NaN or +-inf gives NaN in every
 output (and gradient) entry of that row only.
 
 Conventions: rho = (n, n-1, ..., 1); "sorted" is descending; isotonic problems are decreasing.
@@ -13,119 +15,209 @@ Conventions: rho = (n, n-1, ..., 1); "sorted" is descending; isotonic problems a
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
-from .isotonic import isotonic_regression, isotonic_regression_vjp
-from .permutation import permutation_scatter
-from .segmented_sort import segmented_sort
+from .isotonic._cpu import (block_mean_row, block_softmax_sum_row, pav_kl_row, pav_l2_row)
+from .segmented_sort._cpu import sort_rows
 
 
-def _rho(n: int) -> np.ndarray:
-    return np.arange(n, 0, -1, dtype=np.float64)
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sorted_row(x_row, perm_row, scale, out):
+    """out = scale * x_row[perm_row] in float64; False if the row has a non-finite entry."""
+    finite = True
+    for i in range(out.shape[0]):
+        v = np.float64(x_row[perm_row[i]])
+        finite = finite and math.isfinite(v)
+        out[i] = v * scale
+    return finite
 
 
-def _poison_nonfinite_rows(x: np.ndarray, *outs: np.ndarray) -> None:
-    bad = ~np.isfinite(x).all(axis=-1)
-    if bad.any():
-        for out in outs:
-            out[bad] = np.nan
-
-
-def _gather(a: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    return np.take_along_axis(a, perm, axis=-1)
-
-
-def _sort_desc_for(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(perm, s): perm sorts z = scale * x descending, s = z[perm] in float64."""
-    _, perm = segmented_sort(x, descending=scale > 0)
-    return perm, _gather(x, perm).astype(np.float64) * scale
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fill_nan(row):
+    for i in range(row.shape[0]):
+        row[i] = np.nan
 
 
 # --- soft rank ------------------------------------------------------------------------------
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
+    """s = scale * x[perm]; L2: r = s - PAV(s - rho); KL: r = exp(s - PAV_KL(s, log rho));
+    ranks[perm] = r."""
+    rows, n = x.shape
+    for r in numba.prange(rows):
+        s = np.empty(n, dtype=np.float64)
+        y = np.empty(n, dtype=np.float64)
+        sol = np.empty(n, dtype=np.float64)
+        if not _sorted_row(x[r], perm[r], scale, s):
+            _fill_nan(ranks[r])
+            blocks[r, :] = 0
+            continue
+        if kl:
+            pav_kl_row(s, log_rho, sol, blocks[r])
+            for i in range(n):
+                ranks[r, perm[r, i]] = math.exp(s[i] - sol[i])
+        else:
+            for i in range(n):
+                y[i] = s[i] - (n - i)
+            pav_l2_row(y, sol, blocks[r])
+            for i in range(n):
+                ranks[r, perm[r, i]] = s[i] - sol[i]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _rank_bwd(g, x, ranks, perm, blocks, scale, kl, dx):
+    """L2: u = g_s - blockmean(g_s); KL: a = r_s * g_s, u = a - softmax(s_B) * blocksum(a);
+    dx[perm] = scale * u."""
+    rows, n = x.shape
+    for r in numba.prange(rows):
+        s = np.empty(n, dtype=np.float64)
+        a = np.empty(n, dtype=np.float64)
+        pooled = np.empty(n, dtype=np.float64)
+        if not _sorted_row(x[r], perm[r], scale, s):
+            _fill_nan(dx[r])
+            continue
+        for i in range(n):
+            a[i] = g[r, perm[r, i]]
+        if kl:
+            for i in range(n):
+                a[i] *= ranks[r, perm[r, i]]
+            block_softmax_sum_row(a, s, blocks[r], pooled)
+        else:
+            block_mean_row(a, blocks[r], pooled)
+        for i in range(n):
+            dx[r, perm[r, i]] = (a[i] - pooled[i]) * scale
+
+
+def _log_rho(n: int) -> np.ndarray:
+    return np.log(np.arange(n, 0, -1, dtype=np.float64))
+
+
 def soft_rank_fwd(x, eps: float, regularization: str, descending: bool):
     """Ranks in [1, n] (rank 1 = smallest when ascending) -> (ranks, perm, block_ids)."""
-    n = x.shape[-1]
     scale = (-1.0 if descending else 1.0) / eps
-    perm, s = _sort_desc_for(x, scale)
-    if regularization == "l2":
-        v, blocks = isotonic_regression(s, _rho(n), regularization="l2")
-        r_sorted = s - v
-    else:
-        v, blocks = isotonic_regression(s, np.log(_rho(n)), regularization="kl")
-        r_sorted = np.exp(s - v)
-    ranks = permutation_scatter(r_sorted.astype(x.dtype), perm, n)
-    _poison_nonfinite_rows(x, ranks)
+    _, perm = sort_rows(x, descending=scale > 0)
+    ranks = np.empty(x.shape, dtype=x.dtype)
+    blocks = np.empty(x.shape, dtype=np.int32)
+    if x.size:
+        _rank_fwd(x, perm, scale, regularization == "kl", _log_rho(x.shape[1]), ranks, blocks)
     return ranks, perm, blocks
 
 
 def soft_rank_bwd(g, x, ranks, perm, blocks, eps: float, regularization: str, descending: bool):
-    n = x.shape[-1]
     scale = (-1.0 if descending else 1.0) / eps
-    g_s = _gather(g, perm).astype(np.float64)
-    if regularization == "l2":
-        pooled, _ = isotonic_regression_vjp(g_s, g_s, _rho(n), blocks, regularization="l2")
-        u = g_s - pooled
-    else:
-        s = _gather(x, perm).astype(np.float64) * scale
-        a = _gather(ranks, perm).astype(np.float64) * g_s
-        pooled, _ = isotonic_regression_vjp(a, s, np.log(_rho(n)), blocks, regularization="kl")
-        u = a - pooled
-    dx = permutation_scatter((u * scale).astype(x.dtype), perm, n)
-    _poison_nonfinite_rows(x, dx)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        _rank_bwd(g, x, ranks, perm, blocks, scale, regularization == "kl", dx)
     return dx
 
 
 # --- soft sort ------------------------------------------------------------------------------
 
-def soft_sort_fwd(x, eps: float, regularization: str, descending: bool):
-    """Soft sorted values (sorted order) -> (values, perm, block_ids).
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sort_fwd(x, perm, sign, inv_eps, kl, out, blocks):
+    """s = sign * x[perm] (descending), theta = rho / eps; L2: v = PAV(theta - s);
+    KL: v = PAV_KL(theta, s); out = sign * (theta - v), in sorted order."""
+    rows, n = x.shape
+    for r in numba.prange(rows):
+        s = np.empty(n, dtype=np.float64)
+        theta = np.empty(n, dtype=np.float64)
+        sol = np.empty(n, dtype=np.float64)
+        if not _sorted_row(x[r], perm[r], sign, s):
+            _fill_nan(out[r])
+            blocks[r, :] = 0
+            continue
+        for i in range(n):
+            theta[i] = (n - i) * inv_eps
+        if kl:
+            pav_kl_row(theta, s, sol, blocks[r])
+        else:
+            for i in range(n):
+                s[i] = theta[i] - s[i]
+            pav_l2_row(s, sol, blocks[r])
+        for i in range(n):
+            out[r, i] = sign * (theta[i] - sol[i])
 
-    Descending is primary: out = rho/eps - PAV(rho/eps, s) with s the values sorted descending;
-    ascending is -soft_sort_desc(-x).
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _sort_bwd(g, x, perm, blocks, sign, kl, dx):
+    """d out / d x[perm]: L2 blockmean(g); KL softmax(s_B) * blocksum(g) with s the sorted
+    (signed) input values. The two sign flips of the ascending case cancel."""
+    rows, n = x.shape
+    for r in numba.prange(rows):
+        s = np.empty(n, dtype=np.float64)
+        pooled = np.empty(n, dtype=np.float64)
+        if not _sorted_row(x[r], perm[r], sign, s):
+            _fill_nan(dx[r])
+            continue
+        if kl:
+            block_softmax_sum_row(g[r], s, blocks[r], pooled)
+        else:
+            block_mean_row(g[r], blocks[r], pooled)
+        for i in range(n):
+            dx[r, perm[r, i]] = pooled[i]
+
+
+def soft_sort_fwd(x, eps: float, regularization: str, descending: bool):
+    """Soft sorted values (in sorted order) -> (values, perm, block_ids).
+
+    Descending is primary; ascending is -soft_sort_desc(-x).
     """
-    n = x.shape[-1]
     sign = 1.0 if descending else -1.0
-    perm, s = _sort_desc_for(x, sign)
-    theta = _rho(n) / eps
-    v, blocks = isotonic_regression(np.broadcast_to(theta, s.shape), s,
-                                    regularization=regularization)
-    out = (sign * (theta - v)).astype(x.dtype)
-    _poison_nonfinite_rows(x, out)
+    _, perm = sort_rows(x, descending=descending)
+    out = np.empty(x.shape, dtype=x.dtype)
+    blocks = np.empty(x.shape, dtype=np.int32)
+    if x.size:
+        _sort_fwd(x, perm, sign, 1.0 / eps, regularization == "kl", out, blocks)
     return out, perm, blocks
 
 
 def soft_sort_bwd(g, x, perm, blocks, eps: float, regularization: str, descending: bool):
-    """d out / d s is the isotonic VJP w.r.t. its second argument (the sorted values), taken
-    with cotangent -g (out = theta - v); the two sign flips of the ascending case cancel."""
-    n = x.shape[-1]
     sign = 1.0 if descending else -1.0
-    s = _gather(x, perm).astype(np.float64) * sign
-    theta = np.broadcast_to(_rho(n) / eps, s.shape)
-    _, grad_s = isotonic_regression_vjp(-g.astype(np.float64), theta, s, blocks,
-                                        regularization=regularization)
-    dx = permutation_scatter(grad_s.astype(x.dtype), perm, n)
-    _poison_nonfinite_rows(x, dx)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        _sort_bwd(g, x, perm, blocks, sign, regularization == "kl", dx)
     return dx
 
 
 # --- soft top-k mask ------------------------------------------------------------------------
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
+    """s = x[perm] / eps (descending); v = PAV(s - w_k), w_k = (1,..,1,0,..,0) with k ones;
+    mask[perm] = s - v (in [0, 1]; clipped against rounding)."""
+    rows, n = x.shape
+    for r in numba.prange(rows):
+        s = np.empty(n, dtype=np.float64)
+        y = np.empty(n, dtype=np.float64)
+        sol = np.empty(n, dtype=np.float64)
+        if not _sorted_row(x[r], perm[r], inv_eps, s):
+            _fill_nan(mask[r])
+            blocks[r, :] = 0
+            continue
+        for i in range(n):
+            y[i] = s[i] - (1.0 if i < k else 0.0)
+        pav_l2_row(y, sol, blocks[r])
+        for i in range(n):
+            mask[r, perm[r, i]] = min(max(s[i] - sol[i], 0.0), 1.0)
+
+
 def soft_top_k_mask_fwd(x, k: int, eps: float):
     """Projection of x/eps onto the permutahedron of (1,...,1,0,...,0) with k ones (L2)."""
-    n = x.shape[-1]
-    perm, s = _sort_desc_for(x, 1.0 / eps)
-    w = (np.arange(n) < k).astype(np.float64)
-    v, blocks = isotonic_regression(s, w, regularization="l2")
-    mask = permutation_scatter(np.clip(s - v, 0.0, 1.0).astype(x.dtype), perm, n)
-    _poison_nonfinite_rows(x, mask)
+    _, perm = sort_rows(x, descending=True)
+    mask = np.empty(x.shape, dtype=x.dtype)
+    blocks = np.empty(x.shape, dtype=np.int32)
+    if x.size:
+        _mask_fwd(x, perm, k, 1.0 / eps, mask, blocks)
     return mask, perm, blocks
 
 
 def soft_top_k_mask_bwd(g, x, perm, blocks, eps: float):
-    n = x.shape[-1]
-    g_s = _gather(g, perm).astype(np.float64)
-    pooled, _ = isotonic_regression_vjp(g_s, g_s, g_s, blocks, regularization="l2")
-    dx = permutation_scatter(((g_s - pooled) / eps).astype(x.dtype), perm, n)
-    _poison_nonfinite_rows(x, dx)
+    """Same Jacobian as the L2 soft rank: dx[perm] = (g_s - blockmean(g_s)) / eps."""
+    dx = np.empty(x.shape, dtype=x.dtype)
+    if x.size:
+        _rank_bwd(g, x, x, perm, blocks, 1.0 / eps, False, dx)
     return dx

@@ -4,6 +4,9 @@ Invariant of the block stack while scanning a row left to right: block values ar
 decreasing from bottom to top. A new element is pushed as its own block; while the block below
 the top has a value <= the top's, the two are pooled. Block sums are accumulated in float64.
 Blocks are contiguous runs, numbered 0, 1, ... from the left of the row (int32 block ids).
+
+The `*_row` functions work on one row and are inlined into the row-parallel kernels here and
+into the fused soft-op kernels of `sortgrad.kernels.soft`.
 """
 
 from __future__ import annotations
@@ -12,14 +15,6 @@ import math
 
 import numba
 import numpy as np
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _logaddexp(m1, s1, m2, s2):
-    """(max, scaled sum) of two log-sum-exp accumulators: lse = max + log(scaled sum)."""
-    if m1 >= m2:
-        return m1, s1 + s2 * math.exp(m2 - m1)
-    return m2, s2 + s1 * math.exp(m1 - m2)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -32,56 +27,131 @@ def _fill_blocks(counts, values, top, sol_row, block_row):
             i += 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def pav_l2_row(y, sol_row, block_row):
+    """Decreasing isotonic fit of y (block value: mean of y_B)."""
+    n = y.shape[0]
+    sums = np.empty(n, dtype=np.float64)
+    counts = np.empty(n, dtype=np.int64)
+    values = np.empty(n, dtype=np.float64)
+    top = -1
+    for i in range(n):
+        top += 1
+        sums[top] = y[i]
+        counts[top] = 1
+        values[top] = y[i]
+        while top > 0 and values[top - 1] <= values[top]:
+            sums[top - 1] += sums[top]
+            counts[top - 1] += counts[top]
+            values[top - 1] = sums[top - 1] / counts[top - 1]
+            top -= 1
+    _fill_blocks(counts, values, top, sol_row, block_row)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lse_merge(m1, s1, m2, s2):
+    """Pools two log-sum-exp accumulators (max, sum of exp(x - max))."""
+    if m1 >= m2:
+        return m1, s1 + s2 * math.exp(m2 - m1)
+    return m2, s2 + s1 * math.exp(m1 - m2)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def pav_kl_row(s, w, sol_row, block_row):
+    """Decreasing isotonic fit, block value logsumexp(s_B) - logsumexp(w_B), max-shifted."""
+    n = s.shape[0]
+    max_s = np.empty(n, dtype=np.float64)
+    sum_s = np.empty(n, dtype=np.float64)
+    max_w = np.empty(n, dtype=np.float64)
+    sum_w = np.empty(n, dtype=np.float64)
+    counts = np.empty(n, dtype=np.int64)
+    values = np.empty(n, dtype=np.float64)
+    top = -1
+    for i in range(n):
+        top += 1
+        max_s[top] = s[i]
+        sum_s[top] = 1.0
+        max_w[top] = w[i]
+        sum_w[top] = 1.0
+        counts[top] = 1
+        values[top] = np.float64(s[i]) - np.float64(w[i])
+        while top > 0 and values[top - 1] <= values[top]:
+            b = top - 1
+            max_s[b], sum_s[b] = _lse_merge(max_s[b], sum_s[b], max_s[top], sum_s[top])
+            max_w[b], sum_w[b] = _lse_merge(max_w[b], sum_w[b], max_w[top], sum_w[top])
+            counts[b] += counts[top]
+            values[b] = (max_s[b] + math.log(sum_s[b])) - (max_w[b] + math.log(sum_w[b]))
+            top = b
+    _fill_blocks(counts, values, top, sol_row, block_row)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def block_end(block_row, a):
+    """End (exclusive) of the block that starts at a."""
+    n = block_row.shape[0]
+    b = a + 1
+    while b < n and block_row[b] == block_row[a]:
+        b += 1
+    return b
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def block_mean_row(g, block_row, out):
+    """out[i] = mean of g over the block of i."""
+    n = g.shape[0]
+    a = 0
+    while a < n:
+        b = block_end(block_row, a)
+        total = 0.0
+        for i in range(a, b):
+            total += g[i]
+        mean = total / (b - a)
+        for i in range(a, b):
+            out[i] = mean
+        a = b
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def block_softmax_row(x, a, b, scale, out):
+    """out[a:b] = softmax(x[a:b]) * scale, max-shifted."""
+    m = -np.inf
+    for i in range(a, b):
+        m = max(m, np.float64(x[i]))
+    z = 0.0
+    for i in range(a, b):
+        z += math.exp(np.float64(x[i]) - m)
+    for i in range(a, b):
+        out[i] = math.exp(np.float64(x[i]) - m) / z * scale
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def block_softmax_sum_row(g, x, block_row, out):
+    """out[i] = softmax(x_B)_i * sum(g_B) over the block B of i."""
+    n = g.shape[0]
+    a = 0
+    while a < n:
+        b = block_end(block_row, a)
+        total = 0.0
+        for i in range(a, b):
+            total += g[i]
+        block_softmax_row(x, a, b, total, out)
+        a = b
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _pav_l2(s, w, sol, blocks):
-    """Block value mean(s_B - w_B)."""
     rows, n = s.shape
     for r in numba.prange(rows):
-        sums = np.empty(n, dtype=np.float64)
-        counts = np.empty(n, dtype=np.int64)
-        values = np.empty(n, dtype=np.float64)
-        top = -1
+        y = np.empty(n, dtype=np.float64)
         for i in range(n):
-            top += 1
-            sums[top] = np.float64(s[r, i]) - np.float64(w[r, i])
-            counts[top] = 1
-            values[top] = sums[top]
-            while top > 0 and values[top - 1] <= values[top]:
-                sums[top - 1] += sums[top]
-                counts[top - 1] += counts[top]
-                values[top - 1] = sums[top - 1] / counts[top - 1]
-                top -= 1
-        _fill_blocks(counts, values, top, sol[r], blocks[r])
+            y[i] = np.float64(s[r, i]) - np.float64(w[r, i])
+        pav_l2_row(y, sol[r], blocks[r])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _pav_kl(s, w, sol, blocks):
-    """Block value logsumexp(s_B) - logsumexp(w_B), each accumulated max-shifted."""
-    rows, n = s.shape
-    for r in numba.prange(rows):
-        max_s = np.empty(n, dtype=np.float64)
-        sum_s = np.empty(n, dtype=np.float64)
-        max_w = np.empty(n, dtype=np.float64)
-        sum_w = np.empty(n, dtype=np.float64)
-        counts = np.empty(n, dtype=np.int64)
-        values = np.empty(n, dtype=np.float64)
-        top = -1
-        for i in range(n):
-            top += 1
-            max_s[top] = s[r, i]
-            sum_s[top] = 1.0
-            max_w[top] = w[r, i]
-            sum_w[top] = 1.0
-            counts[top] = 1
-            values[top] = max_s[top] - max_w[top]
-            while top > 0 and values[top - 1] <= values[top]:
-                b = top - 1
-                max_s[b], sum_s[b] = _logaddexp(max_s[b], sum_s[b], max_s[top], sum_s[top])
-                max_w[b], sum_w[b] = _logaddexp(max_w[b], sum_w[b], max_w[top], sum_w[top])
-                counts[b] += counts[top]
-                values[b] = (max_s[b] + math.log(sum_s[b])) - (max_w[b] + math.log(sum_w[b]))
-                top = b
-        _fill_blocks(counts, values, top, sol[r], blocks[r])
+    for r in numba.prange(s.shape[0]):
+        pav_kl_row(s[r], w[r], sol[r], blocks[r])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -89,50 +159,20 @@ def _vjp_l2(g, blocks, grad_s, grad_w):
     """d mean(s_B - w_B): grad_s = blockmean(g), grad_w = -blockmean(g)."""
     rows, n = g.shape
     for r in numba.prange(rows):
-        a = 0
-        while a < n:
-            b = a + 1
-            while b < n and blocks[r, b] == blocks[r, a]:
-                b += 1
-            total = 0.0
-            for i in range(a, b):
-                total += g[r, i]
-            mean = total / (b - a)
-            for i in range(a, b):
-                grad_s[r, i] = mean
-                grad_w[r, i] = -mean
-            a = b
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _block_softmax_times(x_row, a, b, scale, out_row):
-    """out_row[a:b] = softmax(x_row[a:b]) * scale, max-shifted."""
-    m = -np.inf
-    for i in range(a, b):
-        m = max(m, np.float64(x_row[i]))
-    z = 0.0
-    for i in range(a, b):
-        z += math.exp(np.float64(x_row[i]) - m)
-    for i in range(a, b):
-        out_row[i] = math.exp(np.float64(x_row[i]) - m) / z * scale
+        block_mean_row(g[r], blocks[r], grad_s[r])
+        for i in range(n):
+            grad_w[r, i] = -grad_s[r, i]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _vjp_kl(g, s, w, blocks, grad_s, grad_w):
-    """d (lse(s_B) - lse(w_B)): grad_s = softmax(s_B) * sum_B g, grad_w = -softmax(w_B) * sum_B g."""
+    """d (lse(s_B) - lse(w_B)): grad_s = softmax(s_B) sum_B g, grad_w = -softmax(w_B) sum_B g."""
     rows, n = g.shape
     for r in numba.prange(rows):
-        a = 0
-        while a < n:
-            b = a + 1
-            while b < n and blocks[r, b] == blocks[r, a]:
-                b += 1
-            total = 0.0
-            for i in range(a, b):
-                total += g[r, i]
-            _block_softmax_times(s[r], a, b, total, grad_s[r])
-            _block_softmax_times(w[r], a, b, -total, grad_w[r])
-            a = b
+        block_softmax_sum_row(g[r], s[r], blocks[r], grad_s[r])
+        block_softmax_sum_row(g[r], w[r], blocks[r], grad_w[r])
+        for i in range(n):
+            grad_w[r, i] = -grad_w[r, i]
 
 
 def isotonic_rows(s: np.ndarray, w: np.ndarray, regularization: str):

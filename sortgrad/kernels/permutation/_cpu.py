@@ -26,11 +26,32 @@ def _inverse_rows(perm, out):
             out[r, perm[r, i]] = i
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _gather_rows(values, perm, out):
+    rows, m = perm.shape
+    for r in numba.prange(rows):
+        for i in range(m):
+            out[r, i] = values[r, perm[r, i]]
+
+
+def _bits_dtype(dtype):
+    return np.uint8 if dtype == np.bool_ else key_dtype(dtype)
+
+
+def gather_rows(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """out[r, i] = values[r, perm[r, i]] (the values' exact bits)."""
+    out = np.empty(perm.shape, dtype=values.dtype)
+    if out.size:
+        bits = _bits_dtype(values.dtype)
+        _gather_rows(np.ascontiguousarray(values).view(bits), perm, out.view(bits))
+    return out
+
+
 def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int) -> np.ndarray:
     rows = perm.shape[0]
     out = np.zeros((rows, n), dtype=values.dtype)
     if values.size:
-        bits = key_dtype(values.dtype) if values.dtype != np.bool_ else np.uint8
+        bits = _bits_dtype(values.dtype)
         _scatter_rows(values.view(bits), perm, out.view(bits))
     return out
 

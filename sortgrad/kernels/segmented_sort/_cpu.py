@@ -12,30 +12,28 @@ import numba
 import numpy as np
 
 from .._common import map_row_chunks
-from .._keys import sort_keys
-
-_LOW32 = np.uint64(0xFFFFFFFF)
-
-
-def _sort_rows_composite(rows: np.ndarray, key_fn, perm: np.ndarray, start: int,
-                         stop: int) -> None:
-    keys = key_fn(rows[start:stop])
-    n = rows.shape[1]
-    composite = keys.astype(np.uint64) << np.uint64(32)
-    composite |= np.arange(n, dtype=np.uint64)
-    composite.sort(axis=-1)
-    perm[start:stop] = composite & _LOW32
+from .._keys import KeySpec, composite_keys, key_spec, keys, raw_bits
+from ..permutation._cpu import gather_rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _restore_tie_order(sorted_keys, perm):
+def _low_words(composite, perm):
+    rows, n = composite.shape
+    for r in numba.prange(rows):
+        for j in range(n):
+            perm[r, j] = composite[r, j] & np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _restore_tie_order(row_keys, perm):
     """Within each run of equal keys of a sorted row, sort the columns ascending (stability)."""
     rows, n = perm.shape
     for r in numba.prange(rows):
         i = 0
         while i < n:
+            key = row_keys[r, perm[r, i]]
             j = i + 1
-            while j < n and sorted_keys[r, j] == sorted_keys[r, i]:
+            while j < n and row_keys[r, perm[r, j]] == key:
                 j += 1
             if j - i > 1:
                 perm[r, i:j] = np.sort(perm[r, i:j])
@@ -43,44 +41,54 @@ def _restore_tie_order(sorted_keys, perm):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _argsort_segments(keys, offsets, perm):
-    """perm[a:b] = stable argsort of keys[a:b] for each segment [a, b) of the CSR offsets."""
+def _argsort_segments(seg_keys, offsets, perm):
+    """perm[a:b] = stable argsort of seg_keys[a:b] for each segment [a, b) of the offsets."""
     for s in numba.prange(offsets.shape[0] - 1):
         a = offsets[s]
         b = offsets[s + 1]
         if b - a > 1:
-            perm[a:b] = np.argsort(keys[a:b], kind="mergesort")
+            perm[a:b] = np.argsort(seg_keys[a:b], kind="mergesort")
         elif b - a == 1:
             perm[a] = 0
 
 
-def argsort_rows_by_key(rows: np.ndarray, key_fn) -> np.ndarray:
-    """int32 permutation sorting each row of a 2-D array by the unsigned keys key_fn(rows)
-    ascending, ties in column order."""
+def _sort_each_row(a: np.ndarray) -> None:
+    """In-place sort of each row, both cores working (NumPy's sort releases the GIL)."""
+    def chunk(start, stop):
+        a[start:stop].sort(axis=-1)
+    map_row_chunks(chunk, a.shape[0], row_len=a.shape[1])
+
+
+def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec) -> np.ndarray:
+    """int32 permutation that sorts each row of a 2-D array by its keys (ascending unsigned
+    order of key_of(bits, spec)), ties in column order."""
     num_rows, n = rows.shape
     perm = np.empty((num_rows, n), dtype=np.int32)
     if rows.size == 0:
         return perm
     if rows.dtype.itemsize <= 4:
-        map_row_chunks(lambda a, b: _sort_rows_composite(rows, key_fn, perm, a, b),
-                       num_rows, row_len=n)
+        composite = np.empty((num_rows, n), dtype=np.uint64)
+        composite_keys(raw_bits(rows), spec, composite)
+        _sort_each_row(composite)
+        _low_words(composite, perm)
     else:
-        keys = key_fn(rows)
+        row_keys = keys(rows, spec)
         perm64 = np.empty((num_rows, n), dtype=np.int64)
 
-        def chunk(a, b):
-            perm64[a:b] = np.argsort(keys[a:b], axis=-1)
+        def chunk(start, stop):
+            perm64[start:stop] = np.argsort(row_keys[start:stop], axis=-1)
 
         map_row_chunks(chunk, num_rows, row_len=n)
-        _restore_tie_order(np.take_along_axis(keys, perm64, axis=-1), perm64)
+        _restore_tie_order(row_keys, perm64)
         perm[...] = perm64
     return perm
 
 
 def sort_rows(rows: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
     """Stable sort of each row of a 2-D array; returns (values, int32 column permutation)."""
-    perm = argsort_rows_by_key(rows, lambda a: sort_keys(a, descending))
-    return np.take_along_axis(rows, perm, axis=-1), perm
+    perm = argsort_rows_by_key(rows, key_spec(rows.dtype, canonical=True,
+                                              descending=descending))
+    return gather_rows(rows, perm), perm
 
 
 def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool
@@ -91,6 +99,7 @@ def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool
     """
     perm = np.zeros(x.shape[0], dtype=np.int32)
     if x.shape[0]:
-        _argsort_segments(sort_keys(x, descending), offsets.astype(np.int64), perm)
+        seg_keys = keys(x, key_spec(x.dtype, canonical=True, descending=descending))
+        _argsort_segments(seg_keys, offsets.astype(np.int64), perm)
     starts = np.repeat(offsets[:-1].astype(np.int64), np.diff(offsets))
     return x[starts + perm], perm
