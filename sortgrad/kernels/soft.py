@@ -20,8 +20,10 @@ import math
 import numba
 import numpy as np
 
-from .isotonic._cpu import (block_mean_row, block_softmax_sum_row, pav_kl_row, pav_l2_row)
-from .segmented_sort._cpu import sort_rows
+from .isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
+                           pav_kl_row, pav_l2_row, pav_ratio_blocks)
+from ._keys import key_spec
+from .segmented_sort._cpu import argsort_rows_by_key
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -35,6 +37,10 @@ def _sorted_row(x_row, perm_row, scale, out):
     return finite
 
 
+def _argsort(x, descending: bool):
+    return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending))
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _fill_nan(row):
     for i in range(row.shape[0]):
@@ -42,6 +48,29 @@ def _fill_nan(row):
 
 
 # --- soft rank ------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rank_kl_linear(s, perm_row, ranks_row, block_row):
+    """KL ranks without logs: with e = exp(s - s_0) and rho, block B has
+    r_i = exp(s_i - v_B) = e_i * sum(rho_B) / sum(e_B)."""
+    n = s.shape[0]
+    e = np.empty(n, dtype=np.float64)
+    rho = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        e[i] = math.exp(s[i] - s[0])
+        rho[i] = n - i
+    sum_e = np.empty(n, dtype=np.float64)
+    sum_rho = np.empty(n, dtype=np.float64)
+    counts = np.empty(n, dtype=np.int64)
+    top = pav_ratio_blocks(e, rho, sum_e, sum_rho, counts)
+    i = 0
+    for k in range(top + 1):
+        factor = sum_rho[k] / sum_e[k]
+        for _ in range(counts[k]):
+            ranks_row[perm_row[i]] = e[i] * factor
+            block_row[i] = k
+            i += 1
+
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
@@ -56,7 +85,9 @@ def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
             _fill_nan(ranks[r])
             blocks[r, :] = 0
             continue
-        if kl:
+        if kl and s[0] - s[n - 1] < LINEAR_KL_SPREAD:
+            _rank_kl_linear(s, perm[r], ranks[r], blocks[r])
+        elif kl:
             pav_kl_row(s, log_rho, sol, blocks[r])
             for i in range(n):
                 ranks[r, perm[r, i]] = math.exp(s[i] - sol[i])
@@ -99,7 +130,7 @@ def _log_rho(n: int) -> np.ndarray:
 def soft_rank_fwd(x, eps: float, regularization: str, descending: bool):
     """Ranks in [1, n] (rank 1 = smallest when ascending) -> (ranks, perm, block_ids)."""
     scale = (-1.0 if descending else 1.0) / eps
-    _, perm = sort_rows(x, descending=scale > 0)
+    perm = _argsort(x, descending=scale > 0)
     ranks = np.empty(x.shape, dtype=x.dtype)
     blocks = np.empty(x.shape, dtype=np.int32)
     if x.size:
@@ -167,7 +198,7 @@ def soft_sort_fwd(x, eps: float, regularization: str, descending: bool):
     Descending is primary; ascending is -soft_sort_desc(-x).
     """
     sign = 1.0 if descending else -1.0
-    _, perm = sort_rows(x, descending=descending)
+    perm = _argsort(x, descending)
     out = np.empty(x.shape, dtype=x.dtype)
     blocks = np.empty(x.shape, dtype=np.int32)
     if x.size:
@@ -207,7 +238,7 @@ def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
 
 def soft_top_k_mask_fwd(x, k: int, eps: float):
     """Projection of x/eps onto the permutahedron of (1,...,1,0,...,0) with k ones (L2)."""
-    _, perm = sort_rows(x, descending=True)
+    perm = _argsort(x, descending=True)
     mask = np.empty(x.shape, dtype=x.dtype)
     blocks = np.empty(x.shape, dtype=np.int32)
     if x.size:

@@ -56,9 +56,51 @@ def _lse_merge(m1, s1, m2, s2):
     return m2, s2 + s1 * math.exp(m1 - m2)
 
 
+# Below this spread of exponents (max - min of s plus that of w), exp(x - max) of every entry
+# and the products of two block sums stay normal doubles, so PAV can run on plain sums.
+LINEAR_KL_SPREAD = 600.0
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def pav_kl_row(s, w, sol_row, block_row):
-    """Decreasing isotonic fit, block value logsumexp(s_B) - logsumexp(w_B), max-shifted."""
+def pav_ratio_blocks(a, b, sum_a, sum_b, counts):
+    """Decreasing PAV on positive weights, block value log(sum a_B / sum b_B).
+
+    The test value(B1) <= value(B2) is sum_a1 * sum_b2 <= sum_a2 * sum_b1 (no logs), and
+    pooling is addition. Fills the stack arrays; returns the index of the top block.
+    """
+    top = -1
+    for i in range(a.shape[0]):
+        top += 1
+        sum_a[top] = a[i]
+        sum_b[top] = b[i]
+        counts[top] = 1
+        while top > 0 and sum_a[top - 1] * sum_b[top] <= sum_a[top] * sum_b[top - 1]:
+            sum_a[top - 1] += sum_a[top]
+            sum_b[top - 1] += sum_b[top]
+            counts[top - 1] += counts[top]
+            top -= 1
+    return top
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pav_kl_linear(s, w, s_max, w_max, sol_row, block_row):
+    """KL PAV on a = exp(s - s_max), b = exp(w - w_max)."""
+    n = s.shape[0]
+    a = np.empty(n, dtype=np.float64)
+    b = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        a[i] = math.exp(np.float64(s[i]) - s_max)
+        b[i] = math.exp(np.float64(w[i]) - w_max)
+    counts = np.empty(n, dtype=np.int64)
+    top = pav_ratio_blocks(a, b, a, b, counts)  # the stack overwrites entries already read
+    for k in range(top + 1):
+        a[k] = (math.log(a[k]) + s_max) - (math.log(b[k]) + w_max)
+    _fill_blocks(counts, a, top, sol_row, block_row)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pav_kl_shifted(s, w, sol_row, block_row):
+    """KL PAV with a max-shifted log-sum-exp accumulator per block (any spread)."""
     n = s.shape[0]
     max_s = np.empty(n, dtype=np.float64)
     sum_s = np.empty(n, dtype=np.float64)
@@ -83,6 +125,21 @@ def pav_kl_row(s, w, sol_row, block_row):
             values[b] = (max_s[b] + math.log(sum_s[b])) - (max_w[b] + math.log(sum_w[b]))
             top = b
     _fill_blocks(counts, values, top, sol_row, block_row)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def pav_kl_row(s, w, sol_row, block_row):
+    """Decreasing isotonic fit, block value logsumexp(s_B) - logsumexp(w_B)."""
+    s_max, s_min, w_max, w_min = -np.inf, np.inf, -np.inf, np.inf
+    for i in range(s.shape[0]):
+        s_max = max(s_max, np.float64(s[i]))
+        s_min = min(s_min, np.float64(s[i]))
+        w_max = max(w_max, np.float64(w[i]))
+        w_min = min(w_min, np.float64(w[i]))
+    if (s_max - s_min) + (w_max - w_min) < LINEAR_KL_SPREAD:
+        _pav_kl_linear(s, w, s_max, w_max, sol_row, block_row)
+    else:  # also taken for non-finite input (the spread is then nan or inf)
+        _pav_kl_shifted(s, w, sol_row, block_row)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
