@@ -47,9 +47,9 @@ def as_float_or_int_array(x, name: str, *, allow_int: bool = True) -> np.ndarray
     """Checks that `x` is an array of a supported key dtype and returns it as an ndarray."""
     x = np.asarray(x)
     kind = x.dtype.kind
-    if kind == "f" or x.dtype.name == "bfloat16" or (allow_int and kind in "iu"):
+    if kind == "f" or x.dtype.name == "bfloat16" or (allow_int and kind in "iub"):
         return x
-    wanted = "a floating or integer" if allow_int else "a floating-point"
+    wanted = "a floating, integer or bool" if allow_int else "a floating-point"
     raise TypeError(f"{name} must be {wanted} array, got dtype {x.dtype}")
 
 
