@@ -15,10 +15,12 @@ arithmetic in uint64 (mixing signed and unsigned 64-bit integers would promote t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import numba
 import numpy as np
+
+from ._numba import row_parallel
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
@@ -31,17 +33,13 @@ def key_dtype(dtype) -> np.dtype:
     return np.dtype(_UINT_OF_SIZE[np.dtype(dtype).itemsize])
 
 
-class KeySpec(NamedTuple):
-    """How to turn the raw bits of one dtype into keys (all masks as uint64)."""
-    kind: int
-    canonical: bool      # sort order: fold -0.0 into +0.0 and all NaNs into one key
-    descending: bool
-    sign: np.uint64      # the top bit of the width
-    abs_mask: np.uint64  # all bits but the sign
-    exp_mask: np.uint64  # bits of +inf (floats)
-    all_ones: np.uint64  # all bits of the width
+# A key spec is a read-only uint64 array (cheap for Numba to type on every call):
+# [kind, canonical, descending, sign bit, all bits but the sign, bits of +inf, all bits].
+# canonical (sort order) folds -0.0 into +0.0 and every NaN into one key above +inf.
+KeySpec = np.ndarray
 
 
+@functools.lru_cache(maxsize=None)
 def key_spec(dtype, *, canonical: bool, descending: bool = False) -> KeySpec:
     dtype = np.dtype(dtype)
     width = dtype.itemsize * 8
@@ -53,8 +51,10 @@ def key_spec(dtype, *, canonical: bool, descending: bool = False) -> KeySpec:
         kind = KIND_SIGNED
     else:
         kind = KIND_UNSIGNED  # unsigned integers and bool
-    return KeySpec(kind, canonical, descending, np.uint64(sign), np.uint64(all_ones ^ sign),
-                   np.uint64(_EXPONENT_MASK.get(dtype.name, 0)), np.uint64(all_ones))
+    spec = np.array([kind, canonical, descending, sign, all_ones ^ sign,
+                     _EXPONENT_MASK.get(dtype.name, 0), all_ones], dtype=np.uint64)
+    spec.flags.writeable = False
+    return spec
 
 
 def raw_bits(x: np.ndarray) -> np.ndarray:
@@ -65,8 +65,9 @@ def raw_bits(x: np.ndarray) -> np.ndarray:
 def key_of(bits, spec):
     """The uint64 key of one element given its raw bits (any unsigned width)."""
     b = np.uint64(bits)
-    kind, canonical, descending, sign, abs_mask, exp_mask, all_ones = spec
-    if kind == 2:
+    kind, canonical, descending = spec[0], spec[1] != 0, spec[2] != 0
+    sign, abs_mask, exp_mask, all_ones = spec[3], spec[4], spec[5], spec[6]
+    if kind == np.uint64(KIND_FLOAT):
         magnitude = b & abs_mask
         if canonical and magnitude > exp_mask:
             key = all_ones                      # NaN: one key, above +inf
@@ -76,7 +77,7 @@ def key_of(bits, spec):
             key = (~b) & all_ones               # negative: reverse the magnitude order
         else:
             key = b | sign
-    elif kind == 1:
+    elif kind == np.uint64(KIND_SIGNED):
         key = b ^ sign
     else:
         key = b
@@ -85,13 +86,13 @@ def key_of(bits, spec):
     return key
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _keys_kernel(bits, spec, out):
     for i in numba.prange(bits.shape[0]):
         out[i] = key_of(bits[i], spec)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def composite_keys(bits, spec, out):
     """out[r, j] = key(bits[r, j]) << 32 | j for keys of at most 32 bits: unique per row, so
     any sort of a row by them is the stable sort by key."""

@@ -20,6 +20,8 @@ import math
 import numba
 import numpy as np
 
+from ._numba import row_parallel
+
 from .isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
                            pav_kl_row, pav_l2_row, pav_ratio_blocks)
 from ._keys import key_spec
@@ -72,7 +74,7 @@ def _rank_kl_linear(s, perm_row, ranks_row, block_row):
             i += 1
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
     """s = scale * x[perm]; L2: r = s - PAV(s - rho); KL: r = exp(s - PAV_KL(s, log rho));
     ranks[perm] = r."""
@@ -99,7 +101,7 @@ def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
                 ranks[r, perm[r, i]] = s[i] - sol[i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _rank_bwd(g, x, ranks, perm, blocks, scale, kl, dx):
     """L2: u = g_s - blockmean(g_s); KL: a = r_s * g_s, u = a - softmax(s_B) * blocksum(a);
     dx[perm] = scale * u."""
@@ -148,7 +150,7 @@ def soft_rank_bwd(g, x, ranks, perm, blocks, eps: float, regularization: str, de
 
 # --- soft sort ------------------------------------------------------------------------------
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _sort_fwd(x, perm, sign, inv_eps, kl, out, blocks):
     """s = sign * x[perm] (descending), theta = rho / eps; L2: v = PAV(theta - s);
     KL: v = PAV_KL(theta, s); out = sign * (theta - v), in sorted order."""
@@ -173,7 +175,7 @@ def _sort_fwd(x, perm, sign, inv_eps, kl, out, blocks):
             out[r, i] = sign * (theta[i] - sol[i])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _sort_bwd(g, x, perm, blocks, sign, kl, dx):
     """d out / d x[perm]: L2 blockmean(g); KL softmax(s_B) * blocksum(g) with s the sorted
     (signed) input values. The two sign flips of the ascending case cancel."""
@@ -216,7 +218,7 @@ def soft_sort_bwd(g, x, perm, blocks, eps: float, regularization: str, descendin
 
 # --- soft top-k mask ------------------------------------------------------------------------
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
     """s = x[perm] / eps (descending); v = PAV(s - w_k), w_k = (1,..,1,0,..,0) with k ones;
     mask[perm] = s - v (in [0, 1]; clipped against rounding)."""

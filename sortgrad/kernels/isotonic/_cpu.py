@@ -16,6 +16,8 @@ import math
 import numba
 import numpy as np
 
+from .._numba import row_parallel
+
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _fill_blocks(counts, values, top, sol_row, block_row):
@@ -195,7 +197,7 @@ def block_softmax_sum_row(g, x, block_row, out):
         a = b
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _pav_l2(s, w, sol, blocks):
     rows, n = s.shape
     for r in numba.prange(rows):
@@ -205,13 +207,13 @@ def _pav_l2(s, w, sol, blocks):
         pav_l2_row(y, sol[r], blocks[r])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _pav_kl(s, w, sol, blocks):
     for r in numba.prange(s.shape[0]):
         pav_kl_row(s[r], w[r], sol[r], blocks[r])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _vjp_l2(g, blocks, grad_s, grad_w):
     """d mean(s_B - w_B): grad_s = blockmean(g), grad_w = -blockmean(g)."""
     rows, n = g.shape
@@ -221,7 +223,7 @@ def _vjp_l2(g, blocks, grad_s, grad_w):
             grad_w[r, i] = -grad_s[r, i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _vjp_kl(g, s, w, blocks, grad_s, grad_w):
     """d (lse(s_B) - lse(w_B)): grad_s = softmax(s_B) sum_B g, grad_w = -softmax(w_B) sum_B g."""
     rows, n = g.shape

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import row_parallel
+
 from .._keys import key_dtype
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _scatter_rows(values, perm, out):
     """out[r, perm[r, i]] = values[r, i]; out must be zero on entry."""
     rows, m = perm.shape
@@ -18,7 +20,7 @@ def _scatter_rows(values, perm, out):
             out[r, perm[r, i]] = values[r, i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _inverse_rows(perm, out):
     rows, n = perm.shape
     for r in numba.prange(rows):
@@ -26,7 +28,7 @@ def _inverse_rows(perm, out):
             out[r, perm[r, i]] = i
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _gather_rows(values, perm, out):
     rows, m = perm.shape
     for r in numba.prange(rows):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import row_parallel
+
 from .._common import map_row_chunks
 from .._keys import KeySpec, composite_keys, key_spec, keys, raw_bits
 from ..permutation._cpu import gather_rows
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _low_words(composite, perm):
     rows, n = composite.shape
     for r in numba.prange(rows):
@@ -24,7 +26,7 @@ def _low_words(composite, perm):
             perm[r, j] = composite[r, j] & np.uint64(0xFFFFFFFF)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _restore_tie_order(row_keys, perm):
     """Within each run of equal keys of a sorted row, sort the columns ascending (stability)."""
     rows, n = perm.shape
@@ -40,7 +42,7 @@ def _restore_tie_order(row_keys, perm):
             i = j
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _argsort_segments(seg_keys, offsets, perm):
     """perm[a:b] = stable argsort of seg_keys[a:b] for each segment [a, b) of the offsets."""
     for s in numba.prange(offsets.shape[0] - 1):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import row_parallel
+
 from .._keys import key_of, key_spec, raw_bits
 from ..permutation._cpu import gather_rows
 from ..segmented_sort._cpu import argsort_rows_by_key
@@ -18,7 +20,7 @@ from ..segmented_sort._cpu import argsort_rows_by_key
 SMALL_K = 64
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@row_parallel
 def _top_k_insertion(bits, spec, k, indices):
     rows, n = bits.shape
     for r in numba.prange(rows):

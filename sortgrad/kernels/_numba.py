@@ -1,0 +1,35 @@
+"""Row-parallel Numba kernels that stay cheap to call on tiny inputs.
+
+A `parallel=True` kernel pays for waking its thread pool on every call (tens of microseconds),
+which dominates small inputs. `row_parallel` compiles a kernel twice -- threaded and serial --
+and picks by the size of its first argument. Both are cached on disk; the serial one under its
+own name, so the two never share a cache entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import numba
+
+# Below this many elements in the first argument, one thread is faster than waking the pool.
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+def row_parallel(fn):
+    parallel = numba.njit(parallel=True, cache=True, nogil=True)(fn)
+    serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                   fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+    serial = numba.njit(cache=True, nogil=True)(serial_fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if args[0].size >= PARALLEL_MIN_ELEMENTS:
+            return parallel(*args)
+        return serial(*args)
+
+    call.parallel = parallel
+    call.serial = serial
+    return call
