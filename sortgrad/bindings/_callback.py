@@ -57,9 +57,11 @@ def batched_rows(row_fn):
     arguments size-1 dims); each argument becomes (rows, its last dim), contiguous.
     """
     def lifted(*arrays):
-        batch = np.broadcast_shapes(*[a.shape[:-1] for a in arrays])
-        rows = [np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-1:]))
-                .reshape(-1, a.shape[-1]) for a in arrays]
+        batch = arrays[0].shape[:-1]
+        if any(a.shape[:-1] != batch for a in arrays):
+            batch = np.broadcast_shapes(*[a.shape[:-1] for a in arrays])
+            arrays = [np.broadcast_to(a, batch + a.shape[-1:]) for a in arrays]
+        rows = [np.ascontiguousarray(a).reshape(-1, a.shape[-1]) for a in arrays]
         return tuple(r.reshape(batch + r.shape[-1:]) for r in row_fn(*rows))
     return lifted
 

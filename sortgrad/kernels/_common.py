@@ -6,6 +6,7 @@ before any work starts, so bad input fails with a ValueError/TypeError naming th
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,6 +71,7 @@ def check_indices_in_range(idx: np.ndarray, n: int, name: str) -> None:
         raise ValueError(f"{name} has entries outside [0, {n})")
 
 
+@functools.lru_cache(maxsize=None)
 def num_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 64))
 

@@ -29,6 +29,7 @@ _EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
 KIND_UNSIGNED, KIND_SIGNED, KIND_FLOAT = 0, 1, 2
 
 
+@functools.lru_cache(maxsize=None)
 def key_dtype(dtype) -> np.dtype:
     return np.dtype(_UINT_OF_SIZE[np.dtype(dtype).itemsize])
 

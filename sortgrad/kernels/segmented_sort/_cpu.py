@@ -11,10 +11,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import row_parallel
+from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
 
 from .._common import map_row_chunks
-from .._keys import KeySpec, composite_keys, key_spec, keys, raw_bits
+from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits
 from ..permutation._cpu import gather_rows
 
 
@@ -54,6 +54,25 @@ def _argsort_segments(seg_keys, offsets, perm):
             perm[a] = 0
 
 
+@numba.njit(cache=True, nogil=True)
+def _argsort_small_rows(bits, spec, perm):
+    """The composite-key argsort of every row in one serial call (for small inputs, where the
+    fixed cost of separate passes dominates)."""
+    rows, n = bits.shape
+    composite = np.empty(n, dtype=np.uint64)
+    for r in range(rows):
+        if bits.itemsize <= 4:
+            for j in range(n):
+                composite[j] = (key_of(bits[r, j], spec) << np.uint64(32)) | np.uint64(j)
+            composite.sort()
+            for j in range(n):
+                perm[r, j] = composite[j] & np.uint64(0xFFFFFFFF)
+        else:  # 64-bit keys: a stable sort of the keys themselves
+            for j in range(n):
+                composite[j] = key_of(bits[r, j], spec)
+            perm[r, :] = np.argsort(composite, kind="mergesort")
+
+
 def _sort_each_row(a: np.ndarray) -> None:
     """In-place sort of each row, both cores working (NumPy's sort releases the GIL)."""
     def chunk(start, stop):
@@ -68,7 +87,9 @@ def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec) -> np.ndarray:
     perm = np.empty((num_rows, n), dtype=np.int32)
     if rows.size == 0:
         return perm
-    if rows.dtype.itemsize <= 4:
+    if rows.size < PARALLEL_MIN_ELEMENTS:
+        _argsort_small_rows(raw_bits(rows), spec, perm)
+    elif rows.dtype.itemsize <= 4:
         composite = np.empty((num_rows, n), dtype=np.uint64)
         composite_keys(raw_bits(rows), spec, composite)
         _sort_each_row(composite)
