@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
+from ..kernels._common import as_rows
+
 MODES = ("buffer", "pure")
 _mode = os.environ.get("SORTGRAD_CALLBACK", "buffer")
 if _mode not in MODES:
@@ -61,7 +63,7 @@ def batched_rows(row_fn):
         if any(a.shape[:-1] != batch for a in arrays):
             batch = np.broadcast_shapes(*[a.shape[:-1] for a in arrays])
             arrays = [np.broadcast_to(a, batch + a.shape[-1:]) for a in arrays]
-        rows = [np.ascontiguousarray(a).reshape(-1, a.shape[-1]) for a in arrays]
+        rows = [as_rows(a) for a in arrays]
         return tuple(r.reshape(batch + r.shape[-1:]) for r in row_fn(*rows))
     return lifted
 

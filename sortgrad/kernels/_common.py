@@ -7,6 +7,7 @@ before any work starts, so bad input fails with a ValueError/TypeError naming th
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,6 +53,12 @@ def as_float_or_int_array(x, name: str, *, allow_int: bool = True) -> np.ndarray
         return x
     wanted = "a floating, integer or bool" if allow_int else "a floating-point"
     raise TypeError(f"{name} must be {wanted} array, got dtype {x.dtype}")
+
+
+def as_rows(a, dtype=None) -> np.ndarray:
+    """A C-contiguous (rows, n) view or copy of an array with n = a.shape[-1] (also n = 0)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
 
 
 def check_row_length(n: int, name: str) -> None:

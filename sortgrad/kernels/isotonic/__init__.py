@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._common import check_index_array, check_row_length, resolve_backend
+from .._common import as_rows, check_index_array, check_row_length, resolve_backend
 from . import _cpu
 
 REGULARIZATIONS = ("l2", "kl")
@@ -24,7 +24,7 @@ def _compute_dtype(*arrays) -> np.dtype:
 
 
 def _rows(a: np.ndarray, dtype, n: int) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=dtype).reshape(-1, n)
+    return as_rows(a, dtype)
 
 
 def _check_w(s: np.ndarray, w: np.ndarray) -> None:
@@ -91,6 +91,6 @@ def isotonic_regression_vjp(cotangent, s, w, block_ids, *, regularization: str =
     check_row_length(n, "s")
     grad_s, grad_w = _cpu.isotonic_vjp_rows(_rows(g, dtype, n), _rows(s, dtype, n),
                                             _rows(w, dtype, n),
-                                            np.ascontiguousarray(blocks, np.int32).reshape(-1, n),
+                                            as_rows(blocks, np.int32),
                                             regularization)
     return grad_s.reshape(s.shape), grad_w.reshape(s.shape)

@@ -6,7 +6,7 @@ import operator
 
 import numpy as np
 
-from .._common import (check_index_array, check_indices_in_range, check_row_length,
+from .._common import (as_rows, check_index_array, check_indices_in_range, check_row_length,
                        resolve_backend)
 from . import _cpu
 
@@ -27,7 +27,7 @@ def inverse_permutation(perm, *, backend: str | None = None):
     n = perm.shape[-1]
     check_row_length(n, "perm")
     check_indices_in_range(perm, n, "perm")
-    rows = np.ascontiguousarray(perm, dtype=np.int32).reshape(-1, n)
+    rows = as_rows(perm, np.int32)
     return _cpu.inverse_rows(rows).reshape(perm.shape)
 
 
@@ -59,6 +59,6 @@ def permutation_scatter(values, perm, n: int, *, backend: str | None = None):
         raise ValueError(f"n = {n} is smaller than the row length m = {m} of values")
     check_row_length(n, "n")
     check_indices_in_range(perm, n, "perm")
-    out = _cpu.scatter_rows(np.ascontiguousarray(values).reshape(-1, m),
-                            np.ascontiguousarray(perm, dtype=np.int32).reshape(-1, m), n)
+    out = _cpu.scatter_rows(as_rows(values),
+                            as_rows(perm, np.int32), n)
     return out.reshape(values.shape[:-1] + (n,))

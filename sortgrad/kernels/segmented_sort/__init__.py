@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._common import (as_float_or_int_array, check_index_array, check_row_length,
+from .._common import (as_rows, as_float_or_int_array, check_index_array, check_row_length,
                        resolve_backend)
 from . import _cpu
 
@@ -51,7 +51,7 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
             raise ValueError("keys must have at least one dimension")
         n = keys.shape[-1]
         check_row_length(n, "keys")
-        values, perm = _cpu.sort_rows(np.ascontiguousarray(keys).reshape(-1, n), bool(descending))
+        values, perm = _cpu.sort_rows(as_rows(keys), bool(descending))
         return values.reshape(keys.shape), perm.reshape(keys.shape)
     if keys.ndim != 1:
         raise ValueError(f"keys must be 1-D when offsets are given, got shape {keys.shape}")

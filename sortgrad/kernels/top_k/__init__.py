@@ -6,7 +6,7 @@ import operator
 
 import numpy as np
 
-from .._common import as_float_or_int_array, check_row_length, resolve_backend
+from .._common import as_rows, as_float_or_int_array, check_row_length, resolve_backend
 from . import _cpu
 
 
@@ -44,6 +44,6 @@ def top_k(x, k: int, *, backend: str | None = None):
     n = x.shape[-1]
     check_row_length(n, "x")
     k = check_k(k, n)
-    values, indices = _cpu.top_k_rows(np.ascontiguousarray(x).reshape(-1, n), k)
+    values, indices = _cpu.top_k_rows(as_rows(x), k)
     out_shape = x.shape[:-1] + (k,)
     return values.reshape(out_shape), indices.reshape(out_shape)
