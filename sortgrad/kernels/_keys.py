@@ -74,10 +74,11 @@ def key_of(bits, spec):
             key = all_ones                      # NaN: one key, above +inf
         elif canonical and magnitude == 0:
             key = sign                          # -0.0 and +0.0: the key of +0.0
-        elif b & sign:
-            key = (~b) & all_ones               # negative: reverse the magnitude order
         else:
-            key = b | sign
+            # negative: complement (reverses the magnitude order); positive: set the sign bit.
+            # Branch-free: (b >> (width - 1)) is 1 for negatives, so 0 - it is all ones.
+            negative_mask = (np.uint64(0) - (b & sign) // sign) & all_ones
+            key = b ^ (negative_mask | sign)
     elif kind == np.uint64(KIND_SIGNED):
         key = b ^ sign
     else:
