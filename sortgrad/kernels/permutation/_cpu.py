@@ -37,6 +37,9 @@ def _gather_rows(values, perm, out):
 
 
 def _bits_dtype(dtype):
+    """The unsigned integer dtype of the same width, or None (e.g. complex128: 16 bytes)."""
+    if dtype.itemsize not in (1, 2, 4, 8) or dtype.kind in "OV":
+        return None
     return np.uint8 if dtype == np.bool_ else key_dtype(dtype)
 
 
@@ -45,7 +48,10 @@ def gather_rows(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
     out = np.empty(perm.shape, dtype=values.dtype)
     if out.size:
         bits = _bits_dtype(values.dtype)
-        _gather_rows(np.ascontiguousarray(values).view(bits), perm, out.view(bits))
+        if bits is None:
+            out[...] = np.take_along_axis(values, perm, axis=-1)
+        else:
+            _gather_rows(np.ascontiguousarray(values).view(bits), perm, out.view(bits))
     return out
 
 
@@ -54,7 +60,10 @@ def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros((rows, n), dtype=values.dtype)
     if values.size:
         bits = _bits_dtype(values.dtype)
-        _scatter_rows(values.view(bits), perm, out.view(bits))
+        if bits is None:
+            np.put_along_axis(out, perm, values, axis=-1)
+        else:
+            _scatter_rows(values.view(bits), perm, out.view(bits))
     return out
 
 

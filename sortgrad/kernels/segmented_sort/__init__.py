@@ -10,15 +10,17 @@ from . import _cpu
 
 
 def _check_offsets(offsets, size: int) -> np.ndarray:
+    """Validated CSR offsets as int64."""
     offsets = check_index_array(offsets, "offsets")
     if offsets.ndim != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be a non-empty 1-D array, got shape {offsets.shape}")
     if offsets[0] != 0:
         raise ValueError(f"offsets must start at 0, got {offsets[0]}")
-    if np.any(np.diff(offsets.astype(np.int64)) < 0):
+    if offsets.max() > size:
+        raise ValueError(f"offsets overrun the array: an offset {offsets.max()} > size {size}")
+    offsets = offsets.astype(np.int64)
+    if np.any(np.diff(offsets) < 0):
         raise ValueError("offsets must be non-decreasing")
-    if offsets[-1] > size:
-        raise ValueError(f"offsets overrun the array: last offset {offsets[-1]} > size {size}")
     return offsets
 
 
