@@ -109,8 +109,9 @@ def sort(x, *, axis: int = -1, descending: bool = False):
       axis: the axis to sort (static).
       descending: largest first (static). As `jnp.sort`, this is the ascending sort reversed.
 
-    Returns: the sorted array, x's shape and dtype, values with their exact bits. -0.0 and
-      +0.0 compare equal (stable); NaNs are last ascending, first descending.
+    Returns: the sorted array, x's shape and dtype, values with their exact bits. -0.0, +0.0
+      and subnormals compare equal (stable; float16 subnormals excepted, as in XLA); NaNs are
+      last ascending, first descending.
 
     Gradient (floating x): exact -- the cotangent of output i goes to the position its value
     came from (the same as JAX's own gradient of jnp.sort). Integer x has no gradient.
@@ -131,7 +132,8 @@ def argsort(x, *, axis: int = -1, descending: bool = False):
     """Indices that sort `x` along `axis`, int32; as `jnp.argsort(x, stable=True, ...)`.
 
     Stable in both directions (equal keys keep their original order, also when descending);
-    -0.0 == +0.0; NaNs last ascending, first descending. Integer output: no gradient.
+    -0.0 == +0.0 == subnormals (not float16's); NaNs last ascending, first descending.
+    Integer output: no gradient.
     """
     x, axis = _prepare(x, axis)
     if x.size == 0:

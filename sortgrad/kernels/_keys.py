@@ -25,6 +25,10 @@ from ._numba import row_parallel
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
                   "float64": 0x7FF0000000000000}
+# Sort order flushes subnormals to zero, as XLA's CPU sort compares them (denormals-are-zero);
+# float16 is compared after widening to float32, where its subnormals are normal numbers.
+_SMALLEST_NORMAL_BITS = {"bfloat16": 0x0080, "float32": 0x00800000,
+                         "float64": 0x0010000000000000}
 
 KIND_UNSIGNED, KIND_SIGNED, KIND_FLOAT = 0, 1, 2
 
@@ -35,8 +39,10 @@ def key_dtype(dtype) -> np.dtype:
 
 
 # A key spec is a read-only uint64 array (cheap for Numba to type on every call):
-# [kind, canonical, descending, sign bit, all bits but the sign, bits of +inf, all bits].
-# canonical (sort order) folds -0.0 into +0.0 and every NaN into one key above +inf.
+# [kind, canonical, descending, sign bit, all bits but the sign, bits of +inf, all bits,
+#  bits of the smallest normal number (0: none flushed)].
+# canonical (sort order) folds -0.0, +0.0 and the subnormals (but float16's) into the key of
+# +0.0, and every NaN into one key above +inf.
 KeySpec = np.ndarray
 
 
@@ -53,7 +59,8 @@ def key_spec(dtype, *, canonical: bool, descending: bool = False) -> KeySpec:
     else:
         kind = KIND_UNSIGNED  # unsigned integers and bool
     spec = np.array([kind, canonical, descending, sign, all_ones ^ sign,
-                     _EXPONENT_MASK.get(dtype.name, 0), all_ones], dtype=np.uint64)
+                     _EXPONENT_MASK.get(dtype.name, 0), all_ones,
+                     _SMALLEST_NORMAL_BITS.get(dtype.name, 0)], dtype=np.uint64)
     spec.flags.writeable = False
     return spec
 
@@ -67,13 +74,13 @@ def key_of(bits, spec):
     """The uint64 key of one element given its raw bits (any unsigned width)."""
     b = np.uint64(bits)
     kind, canonical, descending = spec[0], spec[1] != 0, spec[2] != 0
-    sign, abs_mask, exp_mask, all_ones = spec[3], spec[4], spec[5], spec[6]
+    sign, abs_mask, exp_mask, all_ones, smallest_normal = spec[3], spec[4], spec[5], spec[6], spec[7]
     if kind == np.uint64(KIND_FLOAT):
         magnitude = b & abs_mask
         if canonical and magnitude > exp_mask:
             key = all_ones                      # NaN: one key, above +inf
-        elif canonical and magnitude == 0:
-            key = sign                          # -0.0 and +0.0: the key of +0.0
+        elif canonical and magnitude < smallest_normal or canonical and magnitude == 0:
+            key = sign                          # zeros (and subnormals): the key of +0.0
         else:
             # negative: complement (reverses the magnitude order); positive: set the sign bit.
             # Branch-free: (b >> (width - 1)) is 1 for negatives, so 0 - it is all ones.

@@ -4,6 +4,10 @@ A `parallel=True` kernel pays for waking its thread pool on every call (tens of 
 which dominates small inputs. `row_parallel` compiles a kernel twice -- threaded and serial --
 and picks by the size of its first argument. Both are cached on disk; the serial one under its
 own name, so the two never share a cache entry.
+
+Numba's disk cache keys a kernel on its own source file only: after editing a helper that is
+inlined into kernels of other files (`_keys.key_of`, `isotonic._cpu.*_row`), delete the
+`__pycache__/*.nbi|*.nbc` files of the package (a fresh install never has stale entries).
 """
 
 from __future__ import annotations

@@ -41,8 +41,10 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
       (values, perm): values has the dtype and shape of `keys`; perm is int32, the column (or
       position within the segment) each value came from: values[..., i] = keys[..., perm[..., i]].
 
-    Order: that of `jnp.sort` -- -0.0 and +0.0 compare equal, NaNs (any sign) compare equal to
-    each other and above +inf (last when ascending, first when descending). Stable in both
+    Order: that of `jnp.sort` on XLA:CPU -- -0.0, +0.0 and subnormal numbers compare equal
+    (XLA compares with denormals-are-zero; float16 subnormals are kept, as XLA widens float16
+    to float32), NaNs (any sign) compare equal to each other and above +inf (last when
+    ascending, first when descending). Stable in both
     directions: equal keys keep their original order. Values keep their exact bits.
     Rows longer than 2**31 - 1 are rejected. The input is never modified.
     """
