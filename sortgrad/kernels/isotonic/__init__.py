@@ -50,7 +50,8 @@ def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None
     Returns:
       (solution, block_ids): solution in s's float dtype (float32 for 16-bit input), block_ids
       int32 numbering the pooled runs of each row 0, 1, ... from the left. Sums are accumulated
-      in float64. Ties (equal neighbouring values) are pooled. A NaN in a row makes that row's
+      in float64. Only strict violations are pooled: equal neighbours stay separate blocks (same
+      solution; the finest block partition, which sets the VJP at ties). A NaN in a row makes that row's
       solution unspecified (it never affects other rows). The inputs are never modified.
     """
     check_regularization(regularization)

@@ -1,8 +1,11 @@
 """CPU pool-adjacent-violators for the decreasing isotonic problem, one row per thread.
 
-Invariant of the block stack while scanning a row left to right: block values are strictly
-decreasing from bottom to top. A new element is pushed as its own block; while the block below
-the top has a value <= the top's, the two are pooled. Block sums are accumulated in float64.
+Invariant of the block stack while scanning a row left to right: block values are
+non-increasing from bottom to top. A new element is pushed as its own block; while the block
+below the top has a value < the top's (a strict violation), the two are pooled. Neighbours that
+are merely equal stay separate blocks: the solution is the same either way, and the finest
+partition is the one whose Jacobian is right where the solution is locally constant (e.g. a
+soft top-k mask saturated at 0 over tied inputs has gradient 0, not a block mean). Block sums are accumulated in float64.
 Blocks are contiguous runs, numbered 0, 1, ... from the left of the row (int32 block ids).
 
 The `*_row` functions work on one row and are inlined into the row-parallel kernels here and
@@ -42,7 +45,7 @@ def pav_l2_row(y, sol_row, block_row):
         sums[top] = y[i]
         counts[top] = 1
         values[top] = y[i]
-        while top > 0 and values[top - 1] <= values[top]:
+        while top > 0 and values[top - 1] < values[top]:
             sums[top - 1] += sums[top]
             counts[top - 1] += counts[top]
             values[top - 1] = sums[top - 1] / counts[top - 1]
@@ -67,7 +70,7 @@ LINEAR_KL_SPREAD = 600.0
 def pav_ratio_blocks(a, b, sum_a, sum_b, counts):
     """Decreasing PAV on positive weights, block value log(sum a_B / sum b_B).
 
-    The test value(B1) <= value(B2) is sum_a1 * sum_b2 <= sum_a2 * sum_b1 (no logs), and
+    The violation test value(B1) < value(B2) is sum_a1 * sum_b2 < sum_a2 * sum_b1 (no logs), and
     pooling is addition. Fills the stack arrays; returns the index of the top block.
     """
     top = -1
@@ -76,7 +79,7 @@ def pav_ratio_blocks(a, b, sum_a, sum_b, counts):
         sum_a[top] = a[i]
         sum_b[top] = b[i]
         counts[top] = 1
-        while top > 0 and sum_a[top - 1] * sum_b[top] <= sum_a[top] * sum_b[top - 1]:
+        while top > 0 and sum_a[top - 1] * sum_b[top] < sum_a[top] * sum_b[top - 1]:
             sum_a[top - 1] += sum_a[top]
             sum_b[top - 1] += sum_b[top]
             counts[top - 1] += counts[top]
@@ -119,7 +122,7 @@ def _pav_kl_shifted(s, w, sol_row, block_row):
         sum_w[top] = 1.0
         counts[top] = 1
         values[top] = np.float64(s[i]) - np.float64(w[i])
-        while top > 0 and values[top - 1] <= values[top]:
+        while top > 0 and values[top - 1] < values[top]:
             b = top - 1
             max_s[b], sum_s[b] = _lse_merge(max_s[b], sum_s[b], max_s[top], sum_s[top])
             max_w[b], sum_w[b] = _lse_merge(max_w[b], sum_w[b], max_w[top], sum_w[top])
