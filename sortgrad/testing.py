@@ -125,17 +125,17 @@ def _blocks_to_ids(bounds, n) -> np.ndarray:
     return ids
 
 
-def reference_isotonic(s, w, regularization="l2", pool_ties=True):
+def reference_isotonic(s, w, regularization="l2", pool_ties=False):
     """Decreasing isotonic regression of one row, by merging violating neighbours.
 
     Solves min over v_1 >= ... >= v_n of
       "l2": 1/2 ||v - (s - w)||^2          (a pooled block B takes mean(s_B - w_B)),
       "kl": <exp(s - v), 1> + <exp(w), v>  (a block takes logsumexp(s_B) - logsumexp(w_B)).
-    Blocks whose values are equal (or out of order) are merged until the block values are
-    strictly decreasing, so the blocks are the maximal runs of equal solution values.
-    With pool_ties=False only strictly out-of-order neighbours are merged (same solution;
-    neighbouring blocks of equal value stay apart): the blocks that the derivative needs where
-    equal values come from tied inputs that any perturbation would order (see the Jacobians).
+    Neighbouring blocks strictly out of order (left value < right value) are merged until
+    none are: the finest block partition, where neighbours of equal value stay apart (the
+    kernel's contract, and the blocks the derivative needs where equal values come from tied
+    inputs that any perturbation would order, see the Jacobians). With pool_ties=True equal
+    neighbours are merged as well (same solution; blocks = maximal runs of equal values).
 
     Returns (solution float64 (n,), block_ids int32 (n,) numbered 0, 1, ... from the left).
     """
@@ -258,7 +258,7 @@ def _perm_matrix(sigma) -> np.ndarray:
     return p
 
 
-def _soft_rank_parts(x, eps, regularization, descending, pool_ties=True):
+def _soft_rank_parts(x, eps, regularization, descending, pool_ties=False):
     x = _f64_row(x)
     eps = _check_eps(eps)
     z = (-x if descending else x) / eps
@@ -305,7 +305,7 @@ def reference_soft_rank_jacobian(x, eps, regularization="l2", descending=False) 
     return sign / float(eps) * pi.T @ jac_sorted @ pi
 
 
-def _soft_sort_desc_parts(x, eps, regularization, pool_ties=True):
+def _soft_sort_desc_parts(x, eps, regularization, pool_ties=False):
     x = _f64_row(x)
     eps = _check_eps(eps)
     sigma = _argsort_desc(x)
@@ -352,7 +352,7 @@ def reference_soft_sort_jacobian(x, eps, regularization="l2", descending=False) 
     return jac_sorted @ _perm_matrix(sigma)
 
 
-def _mask_parts(x, k, eps, pool_ties=True):
+def _mask_parts(x, k, eps, pool_ties=False):
     x = _f64_row(x)
     eps = _check_eps(eps)
     n = x.shape[0]

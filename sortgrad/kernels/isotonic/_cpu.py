@@ -24,10 +24,16 @@ from .._numba import row_parallel
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _fill_blocks(counts, values, top, sol_row, block_row):
+    """Writes each block's value over its run. Adjacent blocks that were left apart because
+    their values are equal in exact arithmetic can round 1 ulp out of order; the running min
+    restores the non-increasing solution."""
     i = 0
+    previous = np.inf
     for b in range(top + 1):
+        value = min(values[b], previous)
+        previous = value
         for _ in range(counts[b]):
-            sol_row[i] = values[b]
+            sol_row[i] = value
             block_row[i] = b
             i += 1
 

@@ -1,0 +1,342 @@
+"""Kernel API: sortgrad.kernels.segmented_sort (rows and ragged CSR segments), CPU backend.
+
+References: the pure-Python oracles of sortgrad.testing, and jnp.sort / jnp.argsort(stable=True)
+for the larger and batched cases. Values are compared bit for bit (-0.0 vs 0.0, NaN signs and
+payloads), permutations exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from sortgrad.kernels import segmented_sort
+from sortgrad.testing import (reference_argsort, reference_segmented_sort,
+                              reference_sort_rows)
+
+FLOAT_DTYPES = [np.float16, jnp.bfloat16, np.float32, np.float64]
+INT_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint32]
+ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES
+SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
+PATTERNS = ["random", "ties", "special"]
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# quiet NaNs with a payload, both signs, as raw bits per width / dtype name
+PAYLOAD_NANS = {"float16": (0x7E01, 0xFE03), "bfloat16": (0x7FC1, 0xFFC3),
+                "float32": (0x7FC00001, 0xFFC00003),
+                "float64": (0x7FF8000000000001, 0xFFF8000000000003)}
+
+
+def dtype_id(dt):
+    return np.dtype(dt).name
+
+
+def make_keys(rng, shape, dtype, pattern, subnormals=True, payloads=True):
+    """Keys of `dtype`: "random", "ties" (0..3), "special" (signed zeros, NaNs of both signs
+    with and without payload, infinities, extremes, ties, subnormals of both signs unless told
+    not to; NaN payloads unless told not to: jnp.sort of bfloat16 on CPU does not keep them)."""
+    dtype = np.dtype(dtype)
+    if pattern == "ties":
+        return rng.integers(0, 4, size=shape).astype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if pattern == "random":
+            return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+        pool = np.array([info.min, info.min + 1, 0, 1, 2, info.max - 1, info.max], dtype=dtype)
+        return rng.choice(pool, size=shape)
+    if pattern == "random":
+        return (rng.standard_normal(shape) * 100).astype(dtype)
+    neg_nan = math.copysign(math.nan, -1.0)
+    pool = np.array([0.0, -0.0, math.nan, neg_nan, math.inf, -math.inf, 1.0, -1.0, 2.0, 0.5,
+                     float(ml_dtypes.finfo(dtype).max), -float(ml_dtypes.finfo(dtype).max),
+                     float(ml_dtypes.finfo(dtype).smallest_subnormal if subnormals else 3.0),
+                     -float(ml_dtypes.finfo(dtype).smallest_subnormal if subnormals else 3.0),
+                     float(ml_dtypes.finfo(dtype).tiny)], dtype=dtype)
+    out = rng.choice(pool, size=shape)
+    flat = out.reshape(-1).view(UINT[dtype.itemsize])
+    if payloads and flat.size >= 4:  # a few payload NaNs too: values must keep their exact bits
+        pos, neg = PAYLOAD_NANS[dtype.name]
+        where = rng.choice(flat.size, size=max(1, flat.size // 16), replace=False)
+        flat[where] = np.where(rng.random(where.size) < 0.5, pos, neg).astype(flat.dtype)
+    return out
+
+
+def bits(a):
+    a = np.asarray(a)
+    return a.view(UINT[a.dtype.itemsize])
+
+
+def assert_same_bits(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_array_equal(bits(actual), bits(expected))
+
+
+def order_keys(x):
+    """The keys the order is defined on: jnp.sort on XLA:CPU compares float32, float64 and
+    bfloat16 subnormals as zeros (float16 is widened to float32 first, so its subnormals stay
+    numbers). The values themselves keep their bits."""
+    if x.dtype.kind == "f" or x.dtype == jnp.bfloat16:
+        if x.dtype != np.float16:
+            tiny = ml_dtypes.finfo(x.dtype).tiny
+            x = np.where(np.abs(x.astype(np.float64)) < float(tiny), np.zeros((), x.dtype), x)
+    return x
+
+
+def reference_rows(x, descending):
+    """The oracle on the order keys; 64-bit integers through jnp.argsort(stable=True), because
+    the Python oracle compares them as floats (exact only up to 2**53)."""
+    if x.shape[-1] == 0:  # (the oracle cannot reshape empty rows)
+        return x.copy(), np.zeros(x.shape, np.int64)
+    if x.dtype in (np.int64, np.uint64):
+        perm = np.asarray(jnp.argsort(x, axis=-1, stable=True, descending=descending))
+    else:
+        perm = reference_sort_rows(order_keys(x), descending)[1]
+    return np.take_along_axis(x, perm, axis=-1), perm
+
+
+def check_rows(x, descending):
+    """segmented_sort(x) against the oracle; returns (values, perm)."""
+    x_copy = x.copy()
+    values, perm = segmented_sort(x, descending=descending)
+    np.testing.assert_array_equal(bits(x), bits(x_copy))  # input untouched
+    assert perm.dtype == np.int32
+    assert perm.shape == x.shape
+    ref_values, ref_perm = reference_rows(x_copy, descending)
+    np.testing.assert_array_equal(perm, ref_perm)
+    assert_same_bits(values, ref_values)
+    return values, perm
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+# every dtype x size x pattern, except: large rows only with the "special" pattern or for a
+# few dtypes, and an empty row only once per dtype (it has no pattern)
+ROW_CASES = [pytest.param(dtype, n, pattern, id=f"{dtype_id(dtype)}-{n}-{pattern}")
+             for dtype in ALL_DTYPES for n in SIZES for pattern in PATTERNS
+             if (n < 1023 or pattern == "special" or dtype in (np.float32, np.int8))
+             and (n > 0 or pattern == "random")]
+
+
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+@pytest.mark.parametrize("dtype,n,pattern", ROW_CASES)
+def test_rows_match_oracle(dtype, n, pattern, descending):
+    rng = np.random.default_rng([n, PATTERNS.index(pattern), descending])
+    x = make_keys(rng, (n,), dtype, pattern)
+    check_rows(x, descending)
+
+
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES + [np.bool_], ids=dtype_id)
+def test_batched_3d_matches_oracle(dtype, descending):
+    rng = np.random.default_rng(7)
+    for shape in [(2, 3, 33), (3, 1, 5), (1, 4, 1), (2, 2, 32)]:
+        if dtype == np.bool_:
+            x = rng.random(shape) < 0.5
+        else:
+            x = make_keys(rng, shape, dtype, "special" if shape[-1] > 5 else "ties")
+        check_rows(x, descending)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0), (2, 0, 4), (4, 3, 0)])
+def test_empty_shapes(shape):
+    x = np.zeros(shape, np.float32)
+    for descending in (False, True):
+        values, perm = segmented_sort(x, descending=descending)
+        assert values.shape == shape and values.dtype == np.float32
+        assert perm.shape == shape and perm.dtype == np.int32
+
+
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.float32, np.float64, np.int64,
+                                   np.uint8], ids=dtype_id)
+def test_many_rows_match_jnp(dtype, descending):
+    """Enough rows to use every core; jnp.argsort(stable=True) is the reference order."""
+    rng = np.random.default_rng(11)
+    x = make_keys(rng, (64, 1025), dtype, "ties" if dtype == np.float64 else "special",
+                  payloads=False)
+    if dtype == np.int64:
+        x = make_keys(rng, (64, 1025), dtype, "random") // (2**60)  # heavy ties, wide keys
+    x_copy = x.copy()
+    values, perm = segmented_sort(x, descending=descending)
+    np.testing.assert_array_equal(bits(x), bits(x_copy))
+    ref_perm = np.asarray(jnp.argsort(x_copy, axis=-1, stable=True, descending=descending))
+    np.testing.assert_array_equal(perm, ref_perm)
+    assert_same_bits(values, np.take_along_axis(x_copy, ref_perm, axis=-1))
+    if not descending:  # ascending values are jnp.sort's values exactly
+        assert_same_bits(values, np.asarray(jnp.sort(x_copy, axis=-1)))
+
+
+def test_descending_is_stable_not_reversed():
+    """Descending keeps ties in original index order (not the reversed ascending sort)."""
+    x = np.array([1.0, 2.0, -0.0, 1.0, 0.0, 2.0, math.nan, -math.nan], np.float32)
+    x[7] = -x[6]
+    values, perm = segmented_sort(x, descending=True)
+    np.testing.assert_array_equal(perm, [6, 7, 1, 5, 0, 3, 2, 4])
+    np.testing.assert_array_equal(perm, np.asarray(jnp.argsort(x, stable=True, descending=True)))
+    assert_same_bits(values, x[[6, 7, 1, 5, 0, 3, 2, 4]])
+    values, perm = segmented_sort(x)
+    np.testing.assert_array_equal(perm, [2, 4, 0, 3, 1, 5, 6, 7])
+    assert_same_bits(values, np.asarray(jnp.sort(x)))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_signed_zeros_and_nans_keep_bits(dtype):
+    x = np.array([0.0, -0.0, math.nan, 0.0, -0.0, -math.inf, math.inf, math.nan], dtype)
+    x[7] = -x[7]  # -NaN
+    assert np.signbit(x[7]) and np.signbit(x[1]) and not np.signbit(x[2])
+    for descending in (False, True):
+        values, perm = segmented_sort(x, descending=descending)
+        ref = np.asarray(jnp.argsort(x, stable=True, descending=descending))
+        np.testing.assert_array_equal(perm, ref)
+        assert_same_bits(values, x[ref])
+    assert_same_bits(segmented_sort(x)[0], np.asarray(jnp.sort(x)))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "fortran"])
+def test_non_contiguous_input(layout):
+    rng = np.random.default_rng(3)
+    base = make_keys(rng, (33, 66), np.float32, "special")
+    x = {"transposed": base.T, "strided": base[:, ::2],
+         "fortran": np.asfortranarray(base)}[layout]
+    x_copy = x.copy()
+    values, perm = segmented_sort(x)
+    np.testing.assert_array_equal(bits(x), bits(x_copy))
+    ref_values, ref_perm = reference_rows(np.ascontiguousarray(x), False)
+    np.testing.assert_array_equal(perm, ref_perm)
+    assert_same_bits(values, ref_values)
+
+
+def test_values_equal_gather_of_perm():
+    rng = np.random.default_rng(5)
+    x = make_keys(rng, (3, 4, 65), np.float64, "special")
+    for descending in (False, True):
+        values, perm = segmented_sort(x, descending=descending)
+        assert_same_bits(values, np.take_along_axis(x, perm.astype(np.int64), axis=-1))
+        np.testing.assert_array_equal(np.sort(perm, axis=-1),
+                                      np.broadcast_to(np.arange(65), x.shape))
+
+
+def test_python_list_and_backend_cpu():
+    values, perm = segmented_sort([3.0, 1.0, 2.0], backend="cpu")
+    np.testing.assert_array_equal(values, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(perm, [1, 2, 0])
+    assert perm.dtype == np.int32
+
+
+# --- ragged segments -------------------------------------------------------------------------
+
+def random_offsets(rng, lengths, trailing):
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return offsets, int(offsets[-1]) + trailing
+
+
+RAGGED_LAYOUTS = {
+    "one_segment": ([33], 0),
+    "with_empties": ([0, 3, 0, 0, 1, 31, 0, 32, 33, 2, 0], 0),
+    "trailing": ([5, 0, 7], 6),
+    "only_trailing": ([], 9),
+    "all_empty": ([0, 0, 0], 0),
+    "empty_then_trailing": ([0, 0], 4),
+    "nothing": ([], 0),
+    "long": ([1025, 1, 0, 4097, 31], 3),
+}
+
+
+def reference_ragged(x, offsets, descending):
+    if x.dtype not in (np.int64, np.uint64):
+        perm = reference_segmented_sort(order_keys(x), offsets, descending)[1]
+        starts = np.repeat(offsets[:-1], np.diff(offsets))
+        values = x.copy()
+        values[:offsets[-1]] = x[starts + perm[:offsets[-1]]]
+        return values, perm
+    values, perm = x.copy(), np.zeros(x.shape, np.int64)
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        values[a:b], perm[a:b] = reference_rows(x[a:b], descending)
+    return values, perm
+
+
+def check_ragged(x, offsets, descending):
+    x_copy, offsets_copy = x.copy(), np.array(offsets, copy=True)
+    values, perm = segmented_sort(x, offsets, descending=descending)
+    np.testing.assert_array_equal(bits(x), bits(x_copy))
+    np.testing.assert_array_equal(np.asarray(offsets), offsets_copy)
+    assert perm.dtype == np.int32 and perm.shape == x.shape
+    ref_values, ref_perm = reference_ragged(x_copy, np.asarray(offsets_copy, np.int64),
+                                            descending)
+    np.testing.assert_array_equal(perm, ref_perm)
+    assert_same_bits(values, ref_values)
+    end = int(offsets_copy[-1])
+    # elements past the last offset: copied through, perm 0
+    assert_same_bits(values[end:], x_copy[end:])
+    np.testing.assert_array_equal(perm[end:], 0)
+
+
+RAGGED_CASES = [pytest.param(dtype, layout, id=f"{dtype_id(dtype)}-{layout}")
+                for dtype in ALL_DTYPES for layout in RAGGED_LAYOUTS
+                if layout != "long" or dtype in (np.float32, np.float16, np.int64)]
+
+
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+@pytest.mark.parametrize("dtype,layout", RAGGED_CASES)
+def test_ragged_matches_oracle(dtype, layout, descending):
+    lengths, trailing = RAGGED_LAYOUTS[layout]
+    rng = np.random.default_rng([len(lengths), trailing, descending])
+    offsets, size = random_offsets(rng, lengths, trailing)
+    x = make_keys(rng, (size,), dtype, "special" if layout != "with_empties" else "ties")
+    check_ragged(x, offsets, descending)
+
+
+@pytest.mark.parametrize("offset_dtype", [np.int32, np.int64, np.uint32, np.uint64, "list"])
+def test_ragged_offset_dtypes(offset_dtype):
+    rng = np.random.default_rng(2)
+    offsets, size = random_offsets(rng, [4, 0, 9, 1, 33], 2)
+    offsets = offsets.tolist() if offset_dtype == "list" else offsets.astype(offset_dtype)
+    x = make_keys(rng, (size,), np.float32, "special")
+    check_ragged(x, offsets, False)
+    check_ragged(x, offsets, True)
+
+
+def test_ragged_random_layouts():
+    rng = np.random.default_rng(13)
+    for trial in range(20):
+        lengths = rng.choice([0, 1, 2, 3, 31, 32, 33, 64], size=rng.integers(0, 12))
+        trailing = int(rng.choice([0, 1, 5]))
+        offsets, size = random_offsets(rng, lengths, trailing)
+        dtype = ALL_DTYPES[trial % len(ALL_DTYPES)]
+        x = make_keys(rng, (size,), dtype, PATTERNS[trial % 3])
+        check_ragged(x, offsets, bool(trial % 2))
+
+
+def test_ragged_segments_are_independent():
+    """Each segment equals the row sort of that segment alone."""
+    rng = np.random.default_rng(17)
+    lengths = [7, 0, 33, 1, 32]
+    offsets, size = random_offsets(rng, lengths, 0)
+    x = make_keys(rng, (size,), np.float64, "special")
+    values, perm = segmented_sort(x, offsets)
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        seg = x[a:b]
+        np.testing.assert_array_equal(perm[a:b], reference_argsort(order_keys(seg)))
+        assert_same_bits(values[a:b], seg[reference_argsort(order_keys(seg))])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_subnormals_order_like_jnp_sort(dtype):
+    """jnp.sort on XLA:CPU: float32/float64/bfloat16 subnormals tie with +-0.0 (stable);
+    float16 subnormals are ordered as numbers. Values keep their bits either way."""
+    tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+    normal = float(ml_dtypes.finfo(dtype).tiny)
+    x = np.array([tiny, 0.0, -tiny, -0.0, normal, -normal, 3 * tiny, 1.0], dtype)
+    for descending in (False, True):
+        values, perm = segmented_sort(x, descending=descending)
+        ref = np.asarray(jnp.argsort(x, stable=True, descending=descending))
+        np.testing.assert_array_equal(perm, ref)
+        assert_same_bits(values, x[ref])
+    assert_same_bits(segmented_sort(x)[0], np.asarray(jnp.sort(x)))
+    expected = [5, 2, 1, 3, 0, 6, 4, 7] if dtype == np.float16 else [5, 0, 1, 2, 3, 6, 4, 7]
+    np.testing.assert_array_equal(segmented_sort(x)[1], expected)
