@@ -15,32 +15,43 @@ import numpy as np
 # Hard ops: orders written as Python sort keys.
 
 
-def _sort_order_key(v):
-    """jnp.sort order: -0.0 == +0.0; all NaNs equal and above +inf."""
+def _is_float_dtype(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
+
+
+def _sort_order_key(v, dtype):
+    """jnp.sort order on XLA:CPU: -0.0 == +0.0 == subnormals (float16's excepted: XLA widens
+    float16 to float32 first); all NaNs equal and above +inf. Integers compare exactly."""
+    if not _is_float_dtype(dtype):
+        return (0, int(v))
     f = float(v)
     if math.isnan(f):
         return (1, 0.0)
+    tiny = float(np.finfo(np.float32 if np.dtype(dtype).name == "bfloat16" else dtype).tiny)
+    if abs(f) < tiny and np.dtype(dtype) != np.float16:
+        return (0, 0.0)
     return (0, f + 0.0)  # + 0.0 maps -0.0 to +0.0
 
 
-def _total_order_key(v):
-    """IEEE totalOrder, as jax.lax.top_k: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN."""
-    f = float(v)
-    if math.isnan(f):
-        return (2, 0.0) if math.copysign(1.0, f) > 0 else (-2, 0.0)
-    if f == 0.0:
-        return (0, 0.0, 1 if math.copysign(1.0, f) > 0 else -1)
-    return (0, f, 0)
+def _total_order_key(v, dtype):
+    """IEEE totalOrder, as jax.lax.top_k: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN,
+    NaNs ordered by payload. Read off the sign and the magnitude bits; integers exactly."""
+    if not _is_float_dtype(dtype):
+        return (int(v),)
+    width = np.dtype(dtype).itemsize * 8
+    bits = int(np.asarray(v, dtype=dtype).reshape(1).view(f"u{width // 8}")[0])
+    magnitude = bits & ((1 << (width - 1)) - 1)
+    return (-1, -magnitude) if bits >> (width - 1) else (1, magnitude)
 
 
 def reference_argsort(row, descending=False):
     """Stable argsort of a 1-D row in jnp.sort order (ties keep their original order)."""
-    row = list(np.asarray(row).tolist())
-    idx = list(range(len(row)))
-    if descending:
-        # stable descending: larger first, ties by lower index
-        return np.array(sorted(idx, key=lambda i: _negate(_sort_order_key(row[i]))), np.int64)
-    return np.array(sorted(idx, key=lambda i: _sort_order_key(row[i])), np.int64)
+    row = np.asarray(row)
+    keys = [_sort_order_key(v, row.dtype) for v in row]
+    idx = range(len(keys))
+    if descending:  # stable descending: larger first, ties by lower index
+        return np.array(sorted(idx, key=lambda i: _negate(keys[i])), np.int64)
+    return np.array(sorted(idx, key=lambda i: keys[i]), np.int64)
 
 
 def _negate(key):
@@ -50,9 +61,12 @@ def _negate(key):
 def reference_sort_rows(x, descending=False):
     """(values, perm) of a stable sort of each row (last axis) of x."""
     x = np.asarray(x)
-    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-    perm = np.stack([reference_argsort(r, descending) for r in rows]) if rows.shape[0] else \
-        np.zeros(rows.shape, np.int64)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    rows = x.reshape(-1, x.shape[-1]) if x.size else np.zeros((0, x.shape[-1]), x.dtype)
+    perm = np.zeros(rows.shape, np.int64)
+    for r, row in enumerate(rows):
+        perm[r] = reference_argsort(row, descending)
     perm = perm.reshape(x.shape)
     return np.take_along_axis(x, perm, axis=-1), perm
 
@@ -60,8 +74,8 @@ def reference_sort_rows(x, descending=False):
 def reference_top_k(row, k):
     """(values, indices) of the k largest of a 1-D row in totalOrder, ties to the lower index."""
     row = np.asarray(row)
-    vals = row.tolist()
-    idx = sorted(range(len(vals)), key=lambda i: (_negate(_total_order_key(vals[i])), i))[:k]
+    keys = [_total_order_key(v, row.dtype) for v in row]
+    idx = sorted(range(len(keys)), key=lambda i: (_negate(keys[i]), i))[:k]
     idx = np.array(idx, dtype=np.int64)
     return row[idx], idx
 

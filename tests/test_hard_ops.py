@@ -144,10 +144,11 @@ def ks_for(n):
 
 # --- values ----------------------------------------------------------------------------------
 
-# every dtype with sizes 0, 1, 32, 33; the other sizes for a few dtypes
+# every dtype with sizes 1, 32, 33; the other sizes for a few dtypes (and test_empty)
 VALUE_CASES = [pytest.param(dtype, n, id=f"{dtype_id(dtype)}-{n}")
                for dtype in ALL_DTYPES for n in SIZES
-               if n in (0, 1, 32, 33)
+               if n in (1, 32, 33)
+               or (n == 0 and dtype in (np.float32, np.int8, np.bool_, jnp.bfloat16))
                or (n == 31 and dtype in (np.float32, np.uint8))
                or (n == 1023 and dtype == np.float32)
                or (n in (1025, 4097) and dtype in (np.float32, jnp.bfloat16, np.int32,
@@ -339,7 +340,7 @@ def test_grad_matches_jax_both_modes_eager(mode, dtype):
     check_grads_match(x, w, 5, jit=False)
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("axis", [0, -2])
 def test_grad_along_axis_and_jit_grad(mode, axis):
     rng = np.random.default_rng(axis + 10)
     x = jnp.asarray(make_keys(rng, (4, 5, 6), np.float64, "ties"))

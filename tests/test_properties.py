@@ -22,7 +22,7 @@ INTS = [np.int8, np.int32, np.uint8, np.uint32]
 
 PROPS = settings(max_examples=30, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-JAX_PROPS = settings(PROPS, max_examples=15)  # every new shape compiles
+JAX_PROPS = settings(PROPS, max_examples=10)  # every new shape compiles
 
 
 def bits(a):
