@@ -70,8 +70,15 @@ def raw_bits(x: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def spec_tuple(spec):
+    """The spec as a tuple of scalars: kernels unpack it once, outside their element loops."""
+    return (spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def key_of(bits, spec):
-    """The uint64 key of one element given its raw bits (any unsigned width)."""
+    """The uint64 key of one element given its raw bits (any unsigned width); `spec` is a key
+    spec array or its `spec_tuple`."""
     b = np.uint64(bits)
     kind, canonical, descending = spec[0], spec[1] != 0, spec[2] != 0
     sign, abs_mask, exp_mask, all_ones, smallest_normal = spec[3], spec[4], spec[5], spec[6], spec[7]
@@ -106,9 +113,10 @@ def composite_keys(bits, spec, out):
     """out[r, j] = key(bits[r, j]) << 32 | j for keys of at most 32 bits: unique per row, so
     any sort of a row by them is the stable sort by key."""
     rows, n = bits.shape
+    sp = spec_tuple(spec)
     for r in numba.prange(rows):
         for j in range(n):
-            out[r, j] = (key_of(bits[r, j], spec) << np.uint64(32)) | np.uint64(j)
+            out[r, j] = (key_of(bits[r, j], sp) << np.uint64(32)) | np.uint64(j)
 
 
 def keys(x: np.ndarray, spec: KeySpec) -> np.ndarray:

@@ -11,38 +11,96 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import row_parallel
+from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
 
-from .._keys import key_of, key_spec, raw_bits
+from .._common import num_threads
+from .._keys import key_of, key_spec, raw_bits, spec_tuple
 from ..permutation._cpu import gather_rows
 from ..segmented_sort._cpu import argsort_rows_by_key
 
 SMALL_K = 64
+_BLOCK = 32  # elements whose keys are computed and screened together
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _better(key_a, col_a, key_b, col_b):
+    """(key_a, col_a) ranks before (key_b, col_b): larger key, then lower column."""
+    return key_a > key_b or (key_a == key_b and col_a < col_b)
 
 
 @row_parallel
-def _top_k_insertion(bits, spec, k, indices):
+def _top_k_chunks(bits, spec, k, chunks, best_keys, best_cols):
+    """Best k of each of `chunks` equal column ranges of every row, best first: a bounded
+    insertion buffer. Columns arrive in increasing order, so a newcomer equal to the k-th best
+    loses the tie and only a strictly larger key enters. Unfilled slots keep column -1."""
     rows, n = bits.shape
-    for r in numba.prange(rows):
-        best_keys = np.empty(k, dtype=np.uint64)
-        best_cols = np.empty(k, dtype=np.int32)
+    sp = spec_tuple(spec)
+    for task in numba.prange(rows * chunks):
+        r = task // chunks
+        c = task % chunks
+        lo = n * c // chunks
+        hi = n * (c + 1) // chunks
+        keys_out = best_keys[r, c]
+        cols_out = best_cols[r, c]
+        cols_out[:] = -1
         filled = 0
-        for j in range(n):
-            key = key_of(bits[r, j], spec)
-            if filled == k:
-                if key <= best_keys[k - 1]:
-                    continue
+        block = np.empty(_BLOCK, dtype=np.uint64)
+        for start in range(lo, hi, _BLOCK):
+            stop = min(start + _BLOCK, hi)
+            # Keys of a block first (a vectorisable loop); most blocks hold nothing above the
+            # current k-th best and are skipped after one comparison with their maximum.
+            block_max = np.uint64(0)
+            for j in range(start, stop):
+                key = key_of(bits[r, j], sp)
+                block[j - start] = key
+                block_max = max(block_max, key)
+            if filled == k and block_max <= keys_out[k - 1]:
+                continue
+            for j in range(start, stop):
+                key = block[j - start]
+                if filled == k:
+                    if key <= keys_out[k - 1]:
+                        continue
+                    p = k - 1
+                else:
+                    p = filled
+                    filled += 1
+                while p > 0 and keys_out[p - 1] < key:
+                    keys_out[p] = keys_out[p - 1]
+                    cols_out[p] = cols_out[p - 1]
+                    p -= 1
+                keys_out[p] = key
+                cols_out[p] = j
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_chunks(best_keys, best_cols, k, indices):
+    """Best k of the chunk candidates of each row (key descending, column ascending)."""
+    rows, chunks = best_keys.shape[0], best_keys.shape[1]
+    keys = np.empty(k, dtype=np.uint64)
+    for r in range(rows):
+        keys[:] = best_keys[r, 0]
+        indices[r, :] = best_cols[r, 0]
+        for c in range(1, chunks):
+            for t in range(k):
+                key, col = best_keys[r, c, t], best_cols[r, c, t]
+                if col < 0 or not _better(key, col, keys[k - 1], indices[r, k - 1]):
+                    break  # candidates are best first: the rest of this chunk loses too
                 p = k - 1
-            else:
-                p = filled
-                filled += 1
-            while p > 0 and best_keys[p - 1] < key:
-                best_keys[p] = best_keys[p - 1]
-                best_cols[p] = best_cols[p - 1]
-                p -= 1
-            best_keys[p] = key
-            best_cols[p] = j
-        indices[r, :] = best_cols
+                while p > 0 and _better(key, col, keys[p - 1], indices[r, p - 1]):
+                    keys[p] = keys[p - 1]
+                    indices[r, p] = indices[r, p - 1]
+                    p -= 1
+                keys[p] = key
+                indices[r, p] = col
+
+
+def _chunks_per_row(num_rows: int, n: int, k: int) -> int:
+    """Split rows only when there are fewer rows than threads and each piece stays long."""
+    threads = num_threads()
+    if num_rows >= threads or n < PARALLEL_MIN_ELEMENTS:
+        return 1
+    return max(1, min(-(-threads // num_rows), n // max(8 * k, 4096)))
 
 
 def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,8 +109,16 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k == 0 or num_rows == 0:
         return np.empty((num_rows, k), rows.dtype), np.empty((num_rows, k), np.int32)
     if k <= SMALL_K and 8 * k <= n:
-        indices = np.empty((num_rows, k), dtype=np.int32)
-        _top_k_insertion(raw_bits(rows), key_spec(rows.dtype, canonical=False), k, indices)
+        chunks = _chunks_per_row(num_rows, n, k)
+        best_keys = np.empty((num_rows, chunks, k), dtype=np.uint64)
+        best_cols = np.empty((num_rows, chunks, k), dtype=np.int32)
+        _top_k_chunks(raw_bits(rows), key_spec(rows.dtype, canonical=False), k, chunks,
+                      best_keys, best_cols)
+        if chunks == 1:
+            indices = best_cols[:, 0, :]
+        else:
+            indices = np.empty((num_rows, k), dtype=np.int32)
+            _merge_chunks(best_keys, best_cols, k, indices)
     else:
         spec = key_spec(rows.dtype, canonical=False, descending=True)
         indices = np.ascontiguousarray(argsort_rows_by_key(rows, spec)[:, :k])
