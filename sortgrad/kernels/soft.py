@@ -24,6 +24,7 @@ from ._numba import row_parallel
 
 from .isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
                            pav_kl_row, pav_l2_row, pav_ratio_blocks)
+from ._common import map_row_chunks
 from ._keys import key_spec
 from .segmented_sort._cpu import argsort_rows_by_key
 
@@ -40,7 +41,18 @@ def _sorted_row(x_row, perm_row, scale, out):
 
 
 def _argsort(x, descending: bool):
-    return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending))
+    """A permutation sorting each row; the order of ties is irrelevant here (see above), so
+    64-bit rows take NumPy's vectorised (unstable) argsort without the stability pass."""
+    if x.dtype.itemsize <= 4:
+        return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending))
+    perm = np.empty(x.shape, dtype=np.int32)
+
+    def chunk(start, stop):
+        rows = x[start:stop]
+        perm[start:stop] = np.argsort(-rows if descending else rows, axis=-1)
+
+    map_row_chunks(chunk, x.shape[0], row_len=x.shape[1])
+    return perm
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

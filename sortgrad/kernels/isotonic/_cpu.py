@@ -181,15 +181,18 @@ def block_mean_row(g, block_row, out):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def block_softmax_row(x, a, b, scale, out):
-    """out[a:b] = softmax(x[a:b]) * scale, max-shifted."""
+    """out[a:b] = softmax(x[a:b]) * scale, max-shifted; one exp per entry."""
     m = -np.inf
     for i in range(a, b):
         m = max(m, np.float64(x[i]))
     z = 0.0
     for i in range(a, b):
-        z += math.exp(np.float64(x[i]) - m)
+        e = math.exp(np.float64(x[i]) - m)
+        out[i] = e
+        z += e
+    factor = scale / z
     for i in range(a, b):
-        out[i] = math.exp(np.float64(x[i]) - m) / z * scale
+        out[i] *= factor
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
