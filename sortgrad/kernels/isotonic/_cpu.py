@@ -104,8 +104,13 @@ def _pav_kl_linear(s, w, s_max, w_max, sol_row, block_row):
         b[i] = math.exp(np.float64(w[i]) - w_max)
     counts = np.empty(n, dtype=np.int64)
     top = pav_ratio_blocks(a, b, a, b, counts)  # the stack overwrites entries already read
+    start = 0
     for k in range(top + 1):
-        a[k] = (math.log(a[k]) + s_max) - (math.log(b[k]) + w_max)
+        if counts[k] == 1:  # a singleton's value is s - w: no logs, no rounding
+            a[k] = np.float64(s[start]) - np.float64(w[start])
+        else:
+            a[k] = (math.log(a[k]) + s_max) - (math.log(b[k]) + w_max)
+        start += counts[k]
     _fill_blocks(counts, a, top, sol_row, block_row)
 
 
@@ -182,6 +187,9 @@ def block_mean_row(g, block_row, out):
 @numba.njit(cache=True, nogil=True, inline="always")
 def block_softmax_row(x, a, b, scale, out):
     """out[a:b] = softmax(x[a:b]) * scale, max-shifted; one exp per entry."""
+    if b - a == 1:
+        out[a] = scale
+        return
     m = -np.inf
     for i in range(a, b):
         m = max(m, np.float64(x[i]))
