@@ -210,7 +210,10 @@ def test_jax_top_k_equals_lax(x, data):
 @given(x=keys(jax_shapes, dtypes=[np.float32, np.float64]), data=st.data())
 def test_jax_grads_equal_jax(x, data):
     k = data.draw(st.integers(0, x.shape[-1]))
-    w = data.draw(hnp.arrays(x.dtype, x.shape, elements=st.floats(-4, 4, width=32)))
+    # No subnormal cotangents: XLA:CPU flushes them to zero in JAX's own scatter-based
+    # gradient, while sortgrad moves the cotangent's bits unchanged.
+    w = data.draw(hnp.arrays(x.dtype, x.shape,
+                             elements=st.floats(-4, 4, width=32, allow_subnormal=False)))
     wk = w[..., :k]
 
     def losses(sort, topk):
