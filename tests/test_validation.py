@@ -58,14 +58,53 @@ def test_backend_cpu_and_none_work(call):
         assert out is not None
 
 
+def _cupy_gpu_count() -> int:
+    if not HAVE_CUPY:
+        return 0
+    import cupy
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+def _numba_cuda_available() -> bool:
+    from numba import cuda
+    return cuda.is_available()
+
+
 @pytest.mark.skipif(HAVE_CUPY, reason="CuPy is installed here")
-@pytest.mark.parametrize("backend", ["cupy", "numba"])
 @pytest.mark.parametrize("call", list(KERNEL_CALLS))
-def test_gpu_backend_without_cupy_names_the_extra(call, backend):
+def test_cupy_backend_without_cupy_names_the_extra(call):
     with pytest.raises(ImportError) as info:
-        KERNEL_CALLS[call](backend)
+        KERNEL_CALLS[call]("cupy")
     message = str(info.value)
     assert "sortgrad[cuda12]" in message and "cuda13" in message, message
+
+
+@pytest.mark.skipif(not HAVE_CUPY or _cupy_gpu_count() > 0, reason="needs CuPy without a GPU")
+@pytest.mark.parametrize("call", list(KERNEL_CALLS))
+def test_cupy_backend_without_gpu_says_so(call):
+    with pytest.raises(RuntimeError, match=r"GPU.*sortgrad\[cuda12\]"):
+        KERNEL_CALLS[call]("cupy")
+
+
+@pytest.mark.skipif(_numba_cuda_available(), reason="Numba CUDA (or its simulator) is on")
+@pytest.mark.parametrize("call", list(KERNEL_CALLS))
+def test_numba_backend_without_gpu_says_so(call):
+    with pytest.raises(RuntimeError, match="GPU"):
+        KERNEL_CALLS[call]("numba")
+
+
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+@pytest.mark.parametrize("call", list(KERNEL_CALLS))
+def test_device_backend_rejects_host_arrays(call, backend):
+    if backend == "cupy" and _cupy_gpu_count() == 0:
+        pytest.skip("no CuPy GPU")
+    if backend == "numba" and not _numba_cuda_available():
+        pytest.skip("no Numba CUDA target")
+    with pytest.raises(TypeError, match="host array"):
+        KERNEL_CALLS[call](backend)
 
 
 @pytest.mark.parametrize("backend", ["tpu", "CPU", "", "cuda", "numpy"])

@@ -18,31 +18,73 @@ BACKENDS = ("cpu", "cupy", "numba")
 _GPU_EXTRA = "install sortgrad[cuda12] or sortgrad[cuda13] (the CuPy build matching your CUDA)"
 
 
-def _is_cupy_array(x) -> bool:
-    return type(x).__module__.startswith("cupy")
+def array_kind(x) -> str:
+    """Where an array lives: "cupy" (CuPy), "numba" (Numba device array, simulator included),
+    "cuda" (another object with `__cuda_array_interface__`, e.g. a torch CUDA tensor) or "host"
+    (NumPy and anything else `np.asarray` takes)."""
+    module = type(x).__module__
+    if module.startswith("cupy"):
+        return "cupy"
+    if module.startswith("numba.cuda"):
+        return "numba"
+    if hasattr(x, "__cuda_array_interface__"):
+        return "cuda"
+    return "host"
+
+
+def _cupy_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(arrays, backend: str | None) -> str:
-    """The backend follows the arrays (NumPy -> "cpu", CuPy -> "cupy") unless one is named.
-
-    An explicit backend that cannot run raises; it never falls back silently.
+    """The backend follows the arrays (NumPy -> "cpu", CuPy -> "cupy", Numba device arrays ->
+    "numba"; other `__cuda_array_interface__` objects -> "cupy" when CuPy is installed, else
+    "numba") unless one is named. An explicit backend that cannot run raises (ImportError
+    naming the pip extra, or RuntimeError without a GPU); it never falls back silently.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    on_gpu = [_is_cupy_array(a) for a in arrays if a is not None]
+    kinds = {array_kind(a) for a in arrays if a is not None}
     if backend is None:
-        backend = "cupy" if any(on_gpu) else "cpu"
+        if "cupy" in kinds:
+            backend = "cupy"
+        elif "numba" in kinds:
+            backend = "numba"
+        elif "cuda" in kinds:
+            backend = "cupy" if _cupy_available() else "numba"
+        else:
+            backend = "cpu"
     if backend == "cpu":
-        if any(on_gpu):
-            raise TypeError("backend='cpu' takes NumPy arrays; got a CuPy array (use .get())")
+        if kinds - {"host"}:
+            raise TypeError("backend='cpu' takes host (NumPy) arrays; got a device array "
+                            "(copy it to the host first, e.g. .get() or .copy_to_host())")
+        return backend
+    if backend == "cupy":
+        try:
+            import cupy
+        except ImportError as err:
+            raise ImportError(f"backend='cupy' needs CuPy and a CUDA GPU: {_GPU_EXTRA}") from err
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception:  # CuPy raises its own CUDARuntimeError without a driver
+            count = 0
+        if count == 0:
+            raise RuntimeError(f"backend='cupy' needs a CUDA GPU and driver; none was found "
+                               f"({_GPU_EXTRA})")
         return backend
     try:
-        import cupy  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"backend={backend!r} needs CuPy and a CUDA GPU: {_GPU_EXTRA}") from err
-    raise NotImplementedError(
-        f"backend={backend!r}: the GPU kernels are not part of this build yet; use backend='cpu'"
-    )
+        from numba import cuda
+    except ImportError as err:  # pragma: no cover - numba is a core dependency
+        raise ImportError("backend='numba' needs numba with its CUDA target "
+                          "(pip install numba-cuda)") from err
+    if not cuda.is_available():
+        raise RuntimeError("backend='numba' needs a CUDA GPU and driver, or Numba's CUDA "
+                           "simulator (NUMBA_ENABLE_CUDASIM=1); none was found")
+    return backend
 
 
 def as_float_or_int_array(x, name: str, *, allow_int: bool = True) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 
 from .._common import as_rows, check_index_array, check_row_length, resolve_backend
 from . import _cpu
+from .. import _device
 
 REGULARIZATIONS = ("l2", "kl")
 
@@ -35,7 +36,8 @@ def _check_w(s: np.ndarray, w: np.ndarray) -> None:
                          f"{s.shape[-1:]}, got {w.shape}")
 
 
-def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None = None):
+def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None = None,
+                        stream=None):
     """Decreasing isotonic regression of each row (last axis), by pool adjacent violators.
 
     Solves, per row, for v with v_1 >= v_2 >= ... >= v_n:
@@ -53,10 +55,15 @@ def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None
       in float64. Only strict violations are pooled: equal neighbours stay separate blocks (same
       solution; the finest block partition, which sets the VJP at ties). A NaN in a row makes that row's
       solution unspecified (it never affects other rows). The inputs are never modified.
+
+    Device backends ("cupy", "numba"; `stream` selects the stream, None the current one) take
+    C-contiguous float32/float64 device arrays (cast 16-bit input first), w of s's dtype.
     """
     check_regularization(regularization)
+    backend = resolve_backend([s, w], backend)
+    if backend != "cpu":
+        return _device.isotonic_regression(s, w, regularization, backend, stream)
     s, w = np.asarray(s), np.asarray(w)
-    resolve_backend([s, w], backend)
     _check_w(s, w)
     dtype = _compute_dtype(s, w)
     n = s.shape[-1]
@@ -66,7 +73,7 @@ def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None
 
 
 def isotonic_regression_vjp(cotangent, s, w, block_ids, *, regularization: str = "l2",
-                            backend: str | None = None):
+                            backend: str | None = None, stream=None):
     """VJP of `isotonic_regression` at (s, w) with the block ids it returned.
 
     Within each block B: "l2": grad_s = mean_B(g), grad_w = -mean_B(g); "kl":
@@ -80,9 +87,12 @@ def isotonic_regression_vjp(cotangent, s, w, block_ids, *, regularization: str =
       16-bit input); grad_w is per row even when w was shared.
     """
     check_regularization(regularization)
+    backend = resolve_backend([cotangent, s, w, block_ids], backend)
+    if backend != "cpu":
+        return _device.isotonic_regression_vjp(cotangent, s, w, block_ids, regularization,
+                                               backend, stream)
     g, s, w = np.asarray(cotangent), np.asarray(s), np.asarray(w)
     blocks = check_index_array(block_ids, "block_ids")
-    resolve_backend([g, s, w, blocks], backend)
     _check_w(s, w)
     if g.shape != s.shape or blocks.shape != s.shape:
         raise ValueError(f"cotangent {g.shape}, s {s.shape} and block_ids {blocks.shape} must "

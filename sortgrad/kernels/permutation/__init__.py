@@ -9,9 +9,10 @@ import numpy as np
 from .._common import (as_rows, check_index_array, check_indices_in_range, check_row_length,
                        resolve_backend)
 from . import _cpu
+from .. import _device
 
 
-def inverse_permutation(perm, *, backend: str | None = None):
+def inverse_permutation(perm, *, backend: str | None = None, stream=None):
     """inv[..., perm[..., i]] = i for each row (last axis) of a permutation.
 
     Args:
@@ -19,9 +20,15 @@ def inverse_permutation(perm, *, backend: str | None = None):
         Entries outside [0, n) raise ValueError; repeated entries are not detected and give an
         unspecified (but memory-safe) result.
     Returns: int32 array of perm's shape. The input is never modified.
+
+    Device backends ("cupy", "numba"; `stream` selects the stream, None the current one) take a
+    C-contiguous int32 device array and do not check entries (that would need a device pass):
+    out-of-range entries are skipped, never written.
     """
+    backend = resolve_backend([perm], backend)
+    if backend != "cpu":
+        return _device.inverse_permutation(perm, backend, stream)
     perm = check_index_array(perm, "perm")
-    resolve_backend([perm], backend)
     if perm.ndim == 0:
         raise ValueError("perm must have at least one dimension")
     n = perm.shape[-1]
@@ -31,7 +38,7 @@ def inverse_permutation(perm, *, backend: str | None = None):
     return _cpu.inverse_rows(rows).reshape(perm.shape)
 
 
-def permutation_scatter(values, perm, n: int, *, backend: str | None = None):
+def permutation_scatter(values, perm, n: int, *, backend: str | None = None, stream=None):
     """out[..., perm[..., i]] = values[..., i], zeros elsewhere: the backward of sort / top-k.
 
     Args:
@@ -41,14 +48,20 @@ def permutation_scatter(values, perm, n: int, *, backend: str | None = None):
         entries are not detected (one of the values lands, which one is unspecified).
       n: length of the output rows, m <= n.
     Returns: array of shape (..., n) with values' dtype. The inputs are never modified.
+
+    Device backends ("cupy", "numba"; `stream` selects the stream, None the current one) take
+    C-contiguous device arrays, perm int32, values of a dtype in the module's `DTYPES`; perm
+    entries are not checked (that would need a device pass): out-of-range ones are skipped.
     """
-    values = np.asarray(values)
-    perm = check_index_array(perm, "perm")
-    resolve_backend([values, perm], backend)
+    backend = resolve_backend([values, perm], backend)
     try:
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
+    if backend != "cpu":
+        return _device.permutation_scatter(values, perm, n, backend, stream)
+    values = np.asarray(values)
+    perm = check_index_array(perm, "perm")
     if values.shape != perm.shape:
         raise ValueError(f"values and perm must have the same shape, got {values.shape} and "
                          f"{perm.shape}")

@@ -7,6 +7,7 @@ import numpy as np
 from .._common import (as_rows, as_float_or_int_array, check_index_array, check_row_length,
                        resolve_backend)
 from . import _cpu
+from .. import _device
 
 
 def _check_offsets(offsets, size: int) -> np.ndarray:
@@ -24,7 +25,8 @@ def _check_offsets(offsets, size: int) -> np.ndarray:
     return offsets
 
 
-def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str | None = None):
+def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str | None = None,
+                   stream=None):
     """Stable sort of rows (or ragged segments), returning values and the permutation.
 
     Args:
@@ -36,6 +38,8 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
         offset are copied through unsorted with perm 0.
       descending: largest first.
       backend: None (follow the array), "cpu", "cupy" or "numba".
+      stream: device backends only: the CuPy stream (backend "cupy") or Numba stream (backend
+        "numba") to launch on; None is the current stream. Ignored on the CPU.
 
     Returns:
       (values, perm): values has the dtype and shape of `keys`; perm is int32, the column (or
@@ -47,9 +51,15 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
     ascending, first when descending). Stable in both
     directions: equal keys keep their original order. Values keep their exact bits.
     Rows longer than 2**31 - 1 are rejected. The input is never modified.
+
+    Device backends take C-contiguous device arrays of the dtypes their module lists in
+    `DTYPES`; `offsets` may be a host or device array and are read on the host (a device
+    array of offsets is copied, which synchronises).
     """
+    backend = resolve_backend([keys, offsets], backend)
+    if backend != "cpu":
+        return _device.segmented_sort(keys, offsets, descending, backend, stream, _check_offsets)
     keys = as_float_or_int_array(keys, "keys")
-    resolve_backend([keys, offsets], backend)
     if offsets is None:
         if keys.ndim == 0:
             raise ValueError("keys must have at least one dimension")

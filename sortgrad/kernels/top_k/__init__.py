@@ -8,6 +8,7 @@ import numpy as np
 
 from .._common import as_rows, as_float_or_int_array, check_row_length, resolve_backend
 from . import _cpu
+from .. import _device
 
 
 def check_k(k, n: int) -> int:
@@ -20,7 +21,7 @@ def check_k(k, n: int) -> int:
     return k
 
 
-def top_k(x, k: int, *, backend: str | None = None):
+def top_k(x, k: int, *, backend: str | None = None, stream=None):
     """The k largest entries of each row (last axis), largest first.
 
     Args:
@@ -28,6 +29,8 @@ def top_k(x, k: int, *, backend: str | None = None):
         Leading dims are batch dims.
       k: integer, 0 <= k <= x.shape[-1].
       backend: None (follow the array), "cpu", "cupy" or "numba".
+      stream: device backends only: the CuPy stream (backend "cupy") or Numba stream (backend
+        "numba") to launch on; None is the current stream. Ignored on the CPU.
 
     Returns:
       (values, indices), both of shape x.shape[:-1] + (k,): values with x's dtype and exact
@@ -37,8 +40,10 @@ def top_k(x, k: int, *, backend: str | None = None):
     +0.0 above -0.0); equal entries are taken lowest index first. A small k is served without
     sorting the row. The input is never modified.
     """
+    backend = resolve_backend([x], backend)
+    if backend != "cpu":
+        return _device.top_k(x, k, backend, stream, check_k)
     x = as_float_or_int_array(x, "x")
-    resolve_backend([x], backend)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension")
     n = x.shape[-1]
