@@ -1,0 +1,153 @@
+"""CuPy module loader: the package's CUDA C sources compiled with NVRTC, cached per device.
+
+Contract (shared by every op's `_cupy.py` and by tests/test_cuda_compile.py):
+- each op package `sortgrad.kernels.<op>` ships `.cu` files as package data, and its `_cupy.py`
+  declares at module level (importable without CuPy)
+  `CUDA_SOURCES = {"file.cu": ("name_expression", ...)}` listing every template
+  instantiation it launches;
+- `get_module(package, filename, name_expressions)` compiles a file once per device with
+  `cupy.RawModule(code=..., options=compile_options(), name_expressions=...)`;
+  `get_kernel(package, filename, name_expression)` looks the expression up in that module
+  (the file's full instantiation list comes from the package's CUDA_SOURCES);
+- `compile_options(arch)` are exactly the options the NVRTC compile test uses (the test adds
+  the architecture, `-Werror=all-warnings` and the options CuPy itself appends,
+  `CUPY_IMPLICIT_OPTIONS`).
+
+Headers: the shared `.cuh` files live next to this module (`#include "sortgrad_keys.cuh"`);
+CUB/Thrust/libcu++ come from the CCCL copy bundled with CuPy (found without importing CuPy,
+so the compile test runs on machines without a GPU). No CUDA toolkit headers are needed:
+kernels treat 16-bit floats as raw bits and include no `cuda_fp16.h`.
+
+CuPy's on-disk kernel cache is keyed on the source text and options only, not on the headers
+it includes, so the code handed to NVRTC starts with a comment carrying a digest of our
+`.cuh` files: editing a header recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.resources
+import importlib.util
+import os
+import threading
+
+OP_PACKAGES = tuple(f"sortgrad.kernels.{op}"
+                    for op in ("segmented_sort", "top_k", "permutation", "isotonic"))
+
+# Options CuPy's RawModule appends to ours when it calls NVRTC (CuPy 13/14): the compile test
+# adds them too, so it compiles what a GPU run compiles. CuPy also adds -arch and, with
+# NVRTC >= 12.8, --pch (neither changes the language).
+CUPY_IMPLICIT_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+_CUDA_DIR = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+def source_text(package: str, filename: str) -> str:
+    """The text of `filename` shipped in `package` (e.g. "sortgrad.kernels.top_k")."""
+    return importlib.resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=None)
+def _cccl_dirs() -> tuple[str, ...]:
+    """CUB, Thrust and libcu++ include dirs of the CCCL bundled with CuPy."""
+    spec = importlib.util.find_spec("cupy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the CUDA sources need the CCCL headers bundled with CuPy: install "
+                          "sortgrad[cuda12] or sortgrad[cuda13]")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "_core", "include", "cupy",
+                        "_cccl")
+    dirs = tuple(os.path.join(root, name) for name in ("cub", "thrust", "libcudacxx"))
+    missing = [d for d in dirs if not os.path.isdir(d)]
+    if missing:
+        raise ImportError(f"CuPy's bundled CCCL headers are missing: {missing}")
+    return dirs
+
+
+def include_dirs() -> list[str]:
+    """Include search path: the shared `.cuh` dir, then CuPy's CCCL."""
+    return [_CUDA_DIR, *_cccl_dirs()]
+
+
+def compile_options(arch: str | int | None = None) -> tuple[str, ...]:
+    """NVRTC options for every sortgrad `.cu` file. `arch` (e.g. 80 or "90") adds
+    `-arch=sm_<arch>`; None leaves the architecture to CuPy (the current device's)."""
+    options = ["-std=c++17", *(f"-I{d}" for d in include_dirs())]
+    if arch is not None:
+        options.append(f"-arch=sm_{arch}")
+    return tuple(options)
+
+
+@functools.lru_cache(maxsize=None)
+def _headers_digest() -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(_CUDA_DIR)):
+        if name.endswith(".cuh"):
+            digest.update(name.encode())
+            with open(os.path.join(_CUDA_DIR, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _code(package: str, filename: str) -> str:
+    return f"// sortgrad headers {_headers_digest()}\n" + source_text(package, filename)
+
+
+def _device_id() -> int:
+    import cupy
+    return cupy.cuda.runtime.getDevice()
+
+
+def get_module(package: str, filename: str, name_expressions):
+    """The `cupy.RawModule` of `filename` in `package` for the current device, compiled on first
+    use with the given template instantiations (cached per (device, package, filename))."""
+    key = (_device_id(), package, filename)
+    module = _modules.get(key)
+    if module is None:
+        import cupy
+        with _lock:
+            module = _modules.get(key)
+            if module is None:
+                module = cupy.RawModule(code=_code(package, filename),
+                                        options=compile_options(),
+                                        name_expressions=tuple(name_expressions))
+                module.compile()  # compile now, on this device, not at the first lookup
+                _modules[key] = module
+    return module
+
+
+def _package_sources(package: str) -> dict | None:
+    """CUDA_SOURCES of `<package>._cupy`, or None when the package has no CuPy module yet."""
+    name = f"{package}._cupy"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name == name:
+            return None
+        raise
+    return dict(module.CUDA_SOURCES)
+
+
+def get_kernel(package: str, filename: str, name_expression: str):
+    """The `cupy.RawKernel` of one instantiation (which must be listed in the package's
+    CUDA_SOURCES for `filename`)."""
+    sources = _package_sources(package) or {}
+    expressions = tuple(sources.get(filename, ()))
+    if name_expression not in expressions:
+        raise KeyError(f"{name_expression!r} is not listed in {package}._cupy.CUDA_SOURCES"
+                       f"[{filename!r}]")
+    return get_module(package, filename, expressions).get_function(name_expression)
+
+
+def all_cuda_sources() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(package, filename, name_expressions) of every `.cu` file of the op packages that have
+    a `_cupy.py`."""
+    out = []
+    for package in OP_PACKAGES:
+        sources = _package_sources(package)
+        for filename, expressions in (sources or {}).items():
+            out.append((package, filename, tuple(expressions)))
+    return out
