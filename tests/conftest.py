@@ -1,3 +1,34 @@
+# Before anything imports Numba: without a CUDA GPU, run Numba's CUDA kernels on its simulator
+# (NUMBA_ENABLE_CUDASIM=1 only changes the cuda target; the CPU njit kernels are untouched).
+# SORTGRAD_TEST_CUDASIM=0 turns this off; an explicit NUMBA_ENABLE_CUDASIM is respected.
+import os
+import sys
+
+
+def _cuda_gpu_visible() -> bool:
+    """A CUDA driver that initialises and sees a device, checked with ctypes (importing
+    numba.cuda here would fix its target before the environment is set)."""
+    import ctypes
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    try:
+        if driver.cuInit(0) != 0:
+            return False
+        count = ctypes.c_int(0)
+        return driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except AttributeError:
+        return False
+
+
+if (os.environ.get("SORTGRAD_TEST_CUDASIM", "1") != "0"
+        and "NUMBA_ENABLE_CUDASIM" not in os.environ and not _cuda_gpu_visible()):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules and "numba.cuda" not in sys.modules:  # imported by a plugin
+        from numba.core import config as _numba_config
+        _numba_config.reload_config()
+
 import jax
 from hypothesis import settings
 
