@@ -1,0 +1,644 @@
+"""Numba CUDA backend of the decreasing isotonic regression (PAV) and its VJP, per row.
+
+Same results as `_cpu.py` (the reference): strict-violation pooling (equal neighbouring blocks
+stay apart), the running-min clamp of block values, KL on linear sums when the row's spread of
+exponents is below `LINEAR_KL_SPREAD` and on max-shifted log-sum-exp accumulators otherwise,
+block sums accumulated in float64 for float32 and float64 input alike.
+
+Launch mapping (both kernels). A row is handled by a *group* of G threads, G a power of two
+picked from the row length n (about `CHUNK` elements per thread, at most one block); a block
+of `BLOCK` threads holds BLOCK / G rows. Thread `lane` of the group owns the contiguous chunk
+[lane * C, lane * C + C) of its row, C = ceil(n / G). Work arrays of the rows of a block live
+in shared memory when they fit in `SHARED_BYTES`, else in a global scratch buffer (n entries
+per row). Every thread of a block takes part in every barrier; threads of an idle group
+(the rows past the end) see a row of length 0.
+
+Forward (`isotonic_rows`):
+  1. KL: a group reduction gives the row's min and max of s and of w (the spread picks the
+     linear or the shifted accumulators, uniformly for the row).
+  2. Coalesced staging: entry i of the work arrays gets element i's accumulator (L2: s - w;
+     KL linear: exp(s - max s), exp(w - max w); KL shifted: (s, 1), (w, 1)).
+  3. Each thread runs PAV on its chunk. Blocks are stored *at their start position*:
+     `cnt[a]` = length of the block starting at a (0 where no live block starts), the
+     accumulators at a, and `head[b - 1] = a` at its last entry, so the block below a block
+     starting at a is found at head[a - 1]. Pooling never moves data: the left block absorbs
+     the right one and the right one's count becomes 0.
+  4. Tree merge of adjacent chunks (log2 G levels, a barrier each): the right stack's blocks
+     are pushed onto the left stack from the bottom up, pooling as PAV does, until one is not
+     a strict violation (the rest of the right stack is then already in order). Pooling the
+     blocks of sub-PAVs and pooling again is exact: the final blocks are unions of sub-blocks.
+  5. Each thread turns the blocks starting in its chunk into values, then a group scan gives
+     every thread the number of blocks and the minimum block value left of its chunk: block
+     id = prefix count of block starts, solution = running min of block values (the clamp).
+     The results are written in place and copied out coalesced.
+  The sequential work of one merge is the number of blocks it pools (amortised O(n) per row
+  over all merges), plus O(1).
+
+VJP (`isotonic_vjp_rows`): blocks are maximal runs of equal `block_ids` (as on the CPU; ids
+are never used as indices, so any int32 values are memory-safe). Each thread reduces the run
+segments of its chunk (L2: sum of g; KL: sum of g and online max-shifted sums of exp(s),
+exp(w)); a segmented group scan carries the partial run that enters each chunk; the thread
+holding a run's last entry writes the run's factors at the run's start position; a coalesced
+pass writes grad_s, grad_w.
+
+Streams: everything is launched on `stream` (None: the current stream of the input's library)
+and nothing synchronises. Scratch buffers are allocated on that stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .._common import array_kind
+from ._cpu import LINEAR_KL_SPREAD
+
+DTYPES = ("float32", "float64")
+
+# Launch constants (module level so that tests can lower them to exercise multi-chunk and
+# multi-group merges at small n under the simulator).
+BLOCK = 256              # threads per block, a power of two (clamped to the device limit)
+CHUNK = 8                # elements per thread a group aims at (G = next pow2 of n / CHUNK)
+SHARED_BYTES = 32 * 1024  # shared-memory budget of a block's work arrays
+
+# Bytes of work storage per row element: float64 accumulators and int32 arrays.
+_FWD_FLOATS = {"l2": 1, "kl": 4}   # L2: sum; KL: (sum a, sum b) or (max s, sum s, max w, sum w)
+_FWD_INTS = 2                      # count at block starts, start at block ends
+_VJP_FLOATS = {"l2": 1, "kl": 4}   # L2: block mean; KL: max s, factor s, max w, factor w
+_VJP_INTS = 1                      # start of the run of each entry
+
+_KERNELS: dict = {}  # (op, dtype, regularization, shared?, block, capacity) -> kernel
+
+
+# --- device helpers (no builtin min/max: Numba's CUDA target cannot compile their overloads) --
+
+@cuda.jit(device=True)
+def _fmin(a, b):
+    """min as Numba's CPU builtin computes it: b only if b < a."""
+    return b if b < a else a
+
+
+@cuda.jit(device=True)
+def _fmax(a, b):
+    return b if b > a else a
+
+
+@cuda.jit(device=True)
+def _lse_merge(m1, s1, m2, s2):
+    """Pools two log-sum-exp accumulators (max, sum of exp(x - max)); as `_cpu._lse_merge`."""
+    if m1 >= m2:
+        return m1, s1 + s2 * math.exp(m2 - m1)
+    return m2, s2 + s1 * math.exp(m1 - m2)
+
+
+@cuda.jit(device=True)
+def _lse_add(m, z, x):
+    """Adds exp(x) to the accumulator (m, z); (anything, 0) is the empty accumulator."""
+    if z == 0.0:
+        return x, 1.0
+    if x > m:
+        return x, z * math.exp(m - x) + 1.0
+    return m, z + math.exp(x - m)
+
+
+@cuda.jit(device=True)
+def _lse_join(m1, z1, m2, z2):
+    """(m1, z1) then (m2, z2), either possibly empty."""
+    if z2 == 0.0:
+        return m1, z1
+    if z1 == 0.0:
+        return m2, z2
+    return _lse_merge(m1, z1, m2, z2)
+
+
+# --- launch configuration -----------------------------------------------------------------
+
+_LIMITS = {}
+
+
+def _device_limits():
+    """(max threads per block, max static shared bytes per block) of the current device."""
+    try:
+        device = cuda.get_current_device()
+    except AttributeError:  # the simulator has no device attributes
+        return 1024, 48 * 1024
+    key = device.id
+    if key not in _LIMITS:
+        _LIMITS[key] = (int(device.MAX_THREADS_PER_BLOCK),
+                        int(device.MAX_SHARED_MEMORY_PER_BLOCK))
+    return _LIMITS[key]
+
+
+def _config(n: int, floats: int, ints: int, scan_floats: int):
+    """Launch shape for rows of length n >= 1.
+
+    Returns (block, log2 G, chunk C, rows per block R, shared?, capacity): G threads per row,
+    chunk = ceil(n / G), capacity = the shared work entries per block (compile-time constant).
+    """
+    max_threads, max_shared = _device_limits()
+    block = 1
+    while block * 2 <= min(BLOCK, max_threads):
+        block *= 2
+    bytes_per_entry = 8 * floats + 4 * ints
+    scan_bytes = block * (8 * scan_floats + 4)
+    capacity = max(1, min(SHARED_BYTES, max_shared - scan_bytes) // bytes_per_entry)
+    target = -(-n // max(1, CHUNK))
+    g = 1
+    while g < target and g < block:
+        g *= 2
+    r = block // g
+    shared = n <= capacity
+    if shared:  # fewer rows per block, more threads per row, until the rows fit
+        while r > 1 and r * n > capacity:
+            r //= 2
+        g = block // r
+    chunk = -(-n // g)
+    return block, g.bit_length() - 1, chunk, r, shared, capacity
+
+
+# --- forward kernel -------------------------------------------------------------------------
+
+def _forward_body(kl: bool, out_type):
+    """The per-row PAV of one group as a device function (see the module docstring)."""
+
+    @cuda.jit(device=True)
+    def lse_value(fa, p):
+        return (fa[0, p] + math.log(fa[1, p])) - (fa[2, p] + math.log(fa[3, p]))
+
+    @cuda.jit(device=True)
+    def violates(fa, ia, base, p, q, linear):
+        """value(block at p) < value(block at q): a strict violation (p left of q)."""
+        if kl:
+            if linear:
+                return fa[0, base + p] * fa[1, base + q] < fa[0, base + q] * fa[1, base + p]
+            return lse_value(fa, base + p) < lse_value(fa, base + q)
+        return fa[0, base + p] / ia[0, base + p] < fa[0, base + q] / ia[0, base + q]
+
+    @cuda.jit(device=True)
+    def pool(fa, ia, base, p, q, linear):
+        """The block at p absorbs its right neighbour at q (q's count becomes 0)."""
+        ia[0, base + p] += ia[0, base + q]
+        ia[0, base + q] = 0
+        if kl and not linear:
+            fa[0, base + p], fa[1, base + p] = _lse_merge(fa[0, base + p], fa[1, base + p],
+                                                          fa[0, base + q], fa[1, base + q])
+            fa[2, base + p], fa[3, base + p] = _lse_merge(fa[2, base + p], fa[3, base + p],
+                                                          fa[2, base + q], fa[3, base + q])
+        else:
+            fa[0, base + p] += fa[0, base + q]
+            if kl:
+                fa[1, base + p] += fa[1, base + q]
+
+    @cuda.jit(device=True)
+    def pool_left(fa, ia, base, lo, top, linear):
+        """Pools the block at `top` with the blocks below it while they violate; returns its
+        start. Blocks below `lo` are out of reach (another thread's range)."""
+        while top > lo:
+            p = ia[1, base + top - 1]
+            if not violates(fa, ia, base, p, top, linear):
+                break
+            pool(fa, ia, base, p, top, linear)
+            top = p
+        return top
+
+    @cuda.jit(device=True)
+    def block_value(s, w, row, wr, fa, ia, base, a, smax, wmax, linear):
+        """Value of the (final) block starting at a, as `_cpu` computes it, in float64."""
+        c = ia[0, base + a]
+        if kl:
+            if c == 1:  # a singleton's value is s - w: no logs, no rounding
+                return float(s[row, a]) - float(w[wr, a])
+            if linear:
+                return ((math.log(fa[0, base + a]) + smax)
+                        - (math.log(fa[1, base + a]) + wmax))
+            return lse_value(fa, base + a)
+        return fa[0, base + a] / c
+
+    @cuda.jit(device=True)
+    def body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, base, sh_f, sh_i):
+        """PAV of row `row` (length m; 0 for an idle group) by the group's g threads."""
+        inf = math.inf
+        linear = False
+        smax = 0.0
+        wmax = 0.0
+        if kl:
+            # 1. spread of the row: max/min of s and w (NaNs skipped, as the CPU's max/min do)
+            smax, smin, wmax, wmin = -inf, inf, -inf, inf
+            for i in range(lane, m, g):
+                x = float(s[row, i])
+                y = float(w[wr, i])
+                smax, smin = _fmax(smax, x), _fmin(smin, x)
+                wmax, wmin = _fmax(wmax, y), _fmin(wmin, y)
+            sh_f[0, tid], sh_f[1, tid], sh_f[2, tid], sh_f[3, tid] = smax, smin, wmax, wmin
+            cuda.syncthreads()
+            half = g >> 1
+            while half > 0:
+                if lane < half:
+                    sh_f[0, tid] = _fmax(sh_f[0, tid], sh_f[0, tid + half])
+                    sh_f[1, tid] = _fmin(sh_f[1, tid], sh_f[1, tid + half])
+                    sh_f[2, tid] = _fmax(sh_f[2, tid], sh_f[2, tid + half])
+                    sh_f[3, tid] = _fmin(sh_f[3, tid], sh_f[3, tid + half])
+                cuda.syncthreads()
+                half >>= 1
+            first = tid - lane
+            smax, smin, wmax, wmin = sh_f[0, first], sh_f[1, first], sh_f[2, first], sh_f[3, first]
+            linear = (smax - smin) + (wmax - wmin) < LINEAR_KL_SPREAD
+            cuda.syncthreads()  # sh_f is reused below
+
+        # 2. coalesced staging of each element's accumulator at its own position
+        for i in range(lane, m, g):
+            if kl:
+                x = float(s[row, i])
+                y = float(w[wr, i])
+                if linear:
+                    fa[0, base + i] = math.exp(x - smax)
+                    fa[1, base + i] = math.exp(y - wmax)
+                else:
+                    fa[0, base + i] = x
+                    fa[1, base + i] = 1.0
+                    fa[2, base + i] = y
+                    fa[3, base + i] = 1.0
+            else:
+                fa[0, base + i] = float(s[row, i]) - float(w[wr, i])
+        cuda.syncthreads()
+
+        # 3. PAV on the thread's chunk [lo, hi)
+        lo = lane * chunk
+        hi = lo + chunk
+        if hi > m:
+            hi = m
+        for i in range(lo, hi):
+            ia[0, base + i] = 1
+            top = pool_left(fa, ia, base, lo, i, linear)
+            ia[1, base + top + ia[0, base + top] - 1] = top
+        cuda.syncthreads()
+
+        # 4. tree merge: at level `step`, lane l (a multiple of 2 step) joins the ranges
+        #    [l C, (l + step) C) and [(l + step) C, (l + 2 step) C), both already pooled.
+        step = 1
+        while step < g:
+            if lane % (2 * step) == 0:
+                mid = lo + step * chunk
+                end = lo + 2 * step * chunk
+                if end > m:
+                    end = m
+                if mid < end:
+                    top = ia[1, base + mid - 1]  # top of the left stack
+                    nxt = mid                     # bottom of the right stack
+                    while nxt < end and violates(fa, ia, base, top, nxt, linear):
+                        after = nxt + ia[0, base + nxt]
+                        pool(fa, ia, base, top, nxt, linear)
+                        nxt = after
+                        top = pool_left(fa, ia, base, lo, top, linear)
+                    ia[1, base + top + ia[0, base + top] - 1] = top
+            cuda.syncthreads()
+            step *= 2
+
+        # 5. block values of the blocks starting in the chunk (stored at their start), their
+        #    number and minimum; a group scan of (count, min) over the lanes.
+        count = 0
+        low = inf
+        for i in range(lo, hi):
+            if ia[0, base + i] > 0:
+                v = block_value(s, w, row, wr, fa, ia, base, i, smax, wmax, linear)
+                fa[0, base + i] = v
+                count += 1
+                low = _fmin(low, v)
+        sh_i[0, tid] = count
+        sh_f[0, tid] = low
+        cuda.syncthreads()
+        off = 1
+        while off < g:
+            left_count = 0
+            left_low = inf
+            if lane >= off:
+                left_count = sh_i[0, tid - off]
+                left_low = sh_f[0, tid - off]
+            cuda.syncthreads()
+            if lane >= off:
+                count += left_count
+                low = _fmin(left_low, low)
+                sh_i[0, tid] = count
+                sh_f[0, tid] = low
+            cuda.syncthreads()
+            off *= 2
+        blocks = 0
+        running = inf
+        if lane > 0:
+            blocks = sh_i[0, tid - 1]
+            running = sh_f[0, tid - 1]
+        # the solution is the running min of block values (the clamp of _cpu._fill_blocks),
+        # the block id the number of block starts so far minus one; written in place.
+        for i in range(lo, hi):
+            if ia[0, base + i] > 0:
+                running = _fmin(running, fa[0, base + i])
+                blocks += 1
+            fa[0, base + i] = running
+            ia[1, base + i] = blocks - 1
+        cuda.syncthreads()
+
+        # 6. coalesced copy-out
+        for i in range(lane, m, g):
+            sol[row, i] = out_type(fa[0, base + i])
+            blk[row, i] = ia[1, base + i]
+
+    return body
+
+
+def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, capacity: int):
+    key = ("fwd", dtype, regularization, shared, block, capacity)
+    kernel = _KERNELS.get(key)
+    if kernel is not None:
+        return kernel
+    kl = regularization == "kl"
+    body = _forward_body(kl, numba.float32 if dtype == "float32" else numba.float64)
+    floats = _FWD_FLOATS[regularization]
+    scan_floats = 4 if kl else 1
+
+    if shared:
+        @cuda.jit
+        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+            tid = cuda.threadIdx.x
+            g = 1 << log_g
+            lane = tid & (g - 1)
+            group = tid >> log_g
+            row = cuda.blockIdx.x * (block >> log_g) + group
+            m = n if row < rows else 0
+            wr = 0 if w_shared else row
+            sh_f = cuda.shared.array((scan_floats, block), numba.float64)
+            sh_i = cuda.shared.array((1, block), numba.int32)
+            fa = cuda.shared.array((floats, capacity), numba.float64)
+            ia = cuda.shared.array((_FWD_INTS, capacity), numba.int32)
+            body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, group * n, sh_f, sh_i)
+    else:
+        @cuda.jit
+        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+            tid = cuda.threadIdx.x
+            g = 1 << log_g
+            lane = tid & (g - 1)
+            group = tid >> log_g
+            row = cuda.blockIdx.x * (block >> log_g) + group
+            m = n if row < rows else 0
+            wr = 0 if w_shared else row
+            sh_f = cuda.shared.array((scan_floats, block), numba.float64)
+            sh_i = cuda.shared.array((1, block), numba.int32)
+            body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa_g, ia_g, row * n, sh_f,
+                 sh_i)
+
+    _KERNELS[key] = kernel
+    return kernel
+
+
+# --- VJP kernel -----------------------------------------------------------------------------
+
+def _vjp_body(kl: bool, out_type):
+
+    @cuda.jit(device=True)
+    def is_start(bid, row, i):
+        return i == 0 or bid[row, i] != bid[row, i - 1]
+
+    @cuda.jit(device=True)
+    def body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa, ia, base,
+             sh_f, sh_i):
+        inf = math.inf
+        lo = lane * chunk
+        hi = lo + chunk
+        if hi > m:
+            hi = m
+        # 1. the chunk's trailing run segment: (start or -1, sum g, lse(s), lse(w))
+        last = -1
+        total = 0.0
+        ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
+        for i in range(lo, hi):
+            if is_start(bid, row, i):
+                last = i
+                total = 0.0
+                ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
+            total += float(gr[row, i])
+            if kl:
+                ms, zs = _lse_add(ms, zs, float(s[row, i]))
+                mw, zw = _lse_add(mw, zw, float(w[wr, i]))
+        # 2. segmented inclusive scan over the lanes: a range that holds a run start keeps
+        #    its own sums, else it continues the sums of the range on its left.
+        sh_i[0, tid] = last
+        sh_f[0, tid] = total
+        if kl:
+            sh_f[1, tid], sh_f[2, tid], sh_f[3, tid], sh_f[4, tid] = ms, zs, mw, zw
+        cuda.syncthreads()
+        off = 1
+        while off < g:
+            left_last = -1
+            left_total = 0.0
+            lms, lzs, lmw, lzw = -inf, 0.0, -inf, 0.0
+            if lane >= off:
+                left_last = sh_i[0, tid - off]
+                left_total = sh_f[0, tid - off]
+                if kl:
+                    lms, lzs = sh_f[1, tid - off], sh_f[2, tid - off]
+                    lmw, lzw = sh_f[3, tid - off], sh_f[4, tid - off]
+            cuda.syncthreads()
+            if lane >= off and last < 0:
+                last = left_last
+                total = left_total + total
+                if kl:
+                    ms, zs = _lse_join(lms, lzs, ms, zs)
+                    mw, zw = _lse_join(lmw, lzw, mw, zw)
+                sh_i[0, tid] = last
+                sh_f[0, tid] = total
+                if kl:
+                    sh_f[1, tid], sh_f[2, tid], sh_f[3, tid], sh_f[4, tid] = ms, zs, mw, zw
+            cuda.syncthreads()
+            off *= 2
+        # 3. walk the chunk again from the carried partial run; the thread holding a run's
+        #    last entry writes the run's factors at the run's start.
+        start = -1
+        total = 0.0
+        ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
+        if lane > 0:
+            start = sh_i[0, tid - 1]
+            total = sh_f[0, tid - 1]
+            if kl:
+                ms, zs = sh_f[1, tid - 1], sh_f[2, tid - 1]
+                mw, zw = sh_f[3, tid - 1], sh_f[4, tid - 1]
+        for i in range(lo, hi):
+            if is_start(bid, row, i):
+                start = i
+                total = 0.0
+                ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
+            total += float(gr[row, i])
+            if kl:
+                ms, zs = _lse_add(ms, zs, float(s[row, i]))
+                mw, zw = _lse_add(mw, zw, float(w[wr, i]))
+            ia[0, base + i] = start
+            if i == m - 1 or bid[row, i + 1] != bid[row, i]:
+                if kl:  # softmax(x_B) * sum_B(g) = exp(x - max) * (sum_B(g) / z)
+                    fa[0, base + start] = ms
+                    fa[1, base + start] = total / zs
+                    fa[2, base + start] = mw
+                    fa[3, base + start] = total / zw
+                else:
+                    fa[0, base + start] = total / (i - start + 1)
+        cuda.syncthreads()
+        # 4. coalesced output
+        for i in range(lane, m, g):
+            a = base + ia[0, base + i]
+            if kl:
+                # as _cpu.block_softmax_row: exp rounded to the output dtype, then scaled
+                es = out_type(math.exp(float(s[row, i]) - fa[0, a]))
+                ew = out_type(math.exp(float(w[wr, i]) - fa[2, a]))
+                grad_s[row, i] = out_type(es * fa[1, a])
+                grad_w[row, i] = -out_type(ew * fa[3, a])
+            else:
+                v = out_type(fa[0, a])
+                grad_s[row, i] = v
+                grad_w[row, i] = -v
+
+    return body
+
+
+def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capacity: int):
+    key = ("vjp", dtype, regularization, shared, block, capacity)
+    kernel = _KERNELS.get(key)
+    if kernel is not None:
+        return kernel
+    kl = regularization == "kl"
+    body = _vjp_body(kl, numba.float32 if dtype == "float32" else numba.float64)
+    floats = _VJP_FLOATS[regularization]
+    scan_floats = 5 if kl else 1
+
+    if shared:
+        @cuda.jit
+        def kernel(gr, s, w, bid, grad_s, grad_w, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+            tid = cuda.threadIdx.x
+            g = 1 << log_g
+            lane = tid & (g - 1)
+            group = tid >> log_g
+            row = cuda.blockIdx.x * (block >> log_g) + group
+            m = n if row < rows else 0
+            wr = 0 if w_shared else row
+            sh_f = cuda.shared.array((scan_floats, block), numba.float64)
+            sh_i = cuda.shared.array((1, block), numba.int32)
+            fa = cuda.shared.array((floats, capacity), numba.float64)
+            ia = cuda.shared.array((_VJP_INTS, capacity), numba.int32)
+            body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa, ia,
+                 group * n, sh_f, sh_i)
+    else:
+        @cuda.jit
+        def kernel(gr, s, w, bid, grad_s, grad_w, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+            tid = cuda.threadIdx.x
+            g = 1 << log_g
+            lane = tid & (g - 1)
+            group = tid >> log_g
+            row = cuda.blockIdx.x * (block >> log_g) + group
+            m = n if row < rows else 0
+            wr = 0 if w_shared else row
+            sh_f = cuda.shared.array((scan_floats, block), numba.float64)
+            sh_i = cuda.shared.array((1, block), numba.int32)
+            body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa_g, ia_g,
+                 row * n, sh_f, sh_i)
+
+    _KERNELS[key] = kernel
+    return kernel
+
+
+
+# --- device arrays and streams (local until the shared numba_support helpers land) ----------
+
+def _as_device(x):
+    """(Numba device array view of x, kind of x)."""
+    kind = array_kind(x)
+    if kind == "numba":
+        return x, kind
+    return cuda.as_cuda_array(x), kind
+
+
+def _like_input(result, kind):
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(result)  # zero-copy view that keeps the Numba allocation alive
+    return result
+
+
+def _resolve_stream(stream, kind):
+    """A Numba stream for `stream` (a Numba stream, a raw handle, or an object with .ptr /
+    .cuda_stream); None: CuPy's current stream for CuPy input, else Numba's default stream."""
+    if not hasattr(cuda, "external_stream"):  # simulator: streams are ignored
+        return stream if stream is not None and not isinstance(stream, int) else 0
+    if stream is None:
+        if kind == "cupy":
+            import cupy
+            ptr = cupy.cuda.get_current_stream().ptr
+            return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+        return cuda.default_stream()
+    if isinstance(stream, int):
+        return cuda.external_stream(stream) if stream else cuda.default_stream()
+    for attr in ("ptr", "cuda_stream"):
+        handle = getattr(stream, attr, None)
+        if isinstance(handle, int):
+            return cuda.external_stream(handle) if handle else cuda.default_stream()
+    return stream
+
+
+def _scratch(shared: bool, floats: int, ints: int, rows: int, n: int, stream):
+    """Global work arrays, (floats, rows n) float64 and (ints, rows n) int32, or 1-entry
+    placeholders when the work arrays live in shared memory."""
+    size = 1 if shared else rows * n
+    return (cuda.device_array((floats, size), np.float64, stream=stream),
+            cuda.device_array((ints, size), np.int32, stream=stream))
+
+
+# --- the backend interface -----------------------------------------------------------------
+
+def isotonic_rows(s, w, regularization: str, stream=None):
+    """Decreasing isotonic regression of each row, as `_cpu.isotonic_rows`.
+
+    s: C-contiguous (rows, n) float32/float64 device array; w: s's dtype, (rows, n) or (1, n)
+    shared by every row; regularization "l2" or "kl". Returns (solution of s's dtype, int32
+    block ids numbering the pooled runs 0, 1, ... from the left), new device arrays of s's
+    kind, computed on `stream` without synchronising.
+    """
+    s_dev, kind = _as_device(s)
+    w_dev, _ = _as_device(w)
+    rows, n = (int(d) for d in s_dev.shape)
+    dtype = np.dtype(s_dev.dtype)
+    stream = _resolve_stream(stream, kind)
+    sol = cuda.device_array((rows, n), dtype, stream=stream)
+    blk = cuda.device_array((rows, n), np.int32, stream=stream)
+    if rows and n:
+        floats = _FWD_FLOATS[regularization]
+        scan_floats = 4 if regularization == "kl" else 1
+        block, log_g, chunk, r, shared, capacity = _config(n, floats, _FWD_INTS, scan_floats)
+        kernel = _forward_kernel(dtype.name, regularization, shared, block, capacity)
+        fa, ia = _scratch(shared, floats, _FWD_INTS, rows, n, stream)
+        grid = -(-rows // r)
+        kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
+                                    int(w_dev.shape[0]) == 1, fa, ia)
+    return _like_input(sol, kind), _like_input(blk, kind)
+
+
+def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
+    """VJP of `isotonic_rows`, as `_cpu.isotonic_vjp_rows`: (grad_s, grad_w), both (rows, n)
+    of g's dtype. Blocks are the maximal runs of equal `block_ids` (s and w are read for KL
+    only)."""
+    g_dev, kind = _as_device(g)
+    s_dev, _ = _as_device(s)
+    w_dev, _ = _as_device(w)
+    b_dev, _ = _as_device(block_ids)
+    rows, n = (int(d) for d in g_dev.shape)
+    dtype = np.dtype(g_dev.dtype)
+    stream = _resolve_stream(stream, kind)
+    grad_s = cuda.device_array((rows, n), dtype, stream=stream)
+    grad_w = cuda.device_array((rows, n), dtype, stream=stream)
+    if rows and n:
+        floats = _VJP_FLOATS[regularization]
+        scan_floats = 5 if regularization == "kl" else 1
+        block, log_g, chunk, r, shared, capacity = _config(n, floats, _VJP_INTS, scan_floats)
+        kernel = _vjp_kernel(dtype.name, regularization, shared, block, capacity)
+        fa, ia = _scratch(shared, floats, _VJP_INTS, rows, n, stream)
+        grid = -(-rows // r)
+        kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
+                                    chunk, int(w_dev.shape[0]) == 1, fa, ia)
+    return _like_input(grad_s, kind), _like_input(grad_w, kind)
