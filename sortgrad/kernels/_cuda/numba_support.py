@@ -14,6 +14,9 @@ Arrays and streams
   (`.ptr`), objects with `__cuda_stream__` and raw integer handles. The simulator returns 0.
 - `empty(shape, dtype, kind="numba")`, `zeros(shape, dtype, stream, kind="numba")`: new device
   arrays (CuPy's pool for kind "cupy", returned as Numba views; `like_input` turns them back).
+- `to_device(host_array, stream)`: a small host table uploaded on `stream`;
+  `placeholder(dtype)`: a cached 1-element device array for unused kernel arguments.
+- `flat(a)`: a C-contiguous device array as 1-D.
 - `bits_view(a)`: `a` viewed as the unsigned integer dtype of its width (values move as bits).
 - `device_limits()`: `DeviceLimits(max_threads_per_block, multiprocessor_count,
   max_shared_memory_per_block, warp_size)` of the current device (fixed values in the
@@ -151,6 +154,27 @@ def zeros(shape, dtype, stream, kind: str = "numba"):
     a = empty(shape, dtype, kind)
     fill(a, 0, stream)
     return a
+
+
+def to_device(host_array, stream):
+    """A host array copied to a new device array, queued on `stream` (small tables)."""
+    return cuda.to_device(np.ascontiguousarray(host_array), stream=stream)
+
+
+def current_device_id() -> int:
+    return 0 if SIMULATOR else int(cuda.get_current_device().id)
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder(dtype):
+    """A 1-element device array of `dtype` (per device) for kernel arguments a launch does not
+    use."""
+    key = (current_device_id(), np.dtype(dtype))
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = cuda.device_array(1, dtype=np.dtype(dtype))
+    return _PLACEHOLDERS[key]
 
 
 def uint_dtype(dtype) -> np.dtype:
