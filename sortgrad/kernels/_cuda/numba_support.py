@@ -50,6 +50,10 @@ no shuffles). Contract common to both, so a kernel written once runs on both tar
   block-wide exclusive prefix sum in thread order and the block total; `warp_totals` is a
   shared array of 32 elements of the value's dtype.
 
+Sorting network
+- `bitonic_sort_slots(keys, idx, tile, slot, tid, nthreads)`: block-wide bitonic sort of
+  shared arrays by (key, idx), every aligned `slot` independently (see its docstring).
+
 Compilation check without a GPU
 - `compile_ptx_cases(cases, cc)`: compiles (dispatcher, signature) pairs to PTX for a compute
   capability with NVVM (no driver needed), to type-check kernels for the real target.
@@ -478,6 +482,43 @@ def block_exclusive_sum(value, tid, nthreads, scratch, warp_totals):
     total = warp_broadcast(totals_inclusive, num_warps - 1, tid, scratch)
     cu.syncthreads()
     return warp_offset + inclusive - value, total
+
+
+# --- shared-memory sorting network -------------------------------------------------------------
+
+@cuda.jit(device=True)
+def bitonic_sort_slots(keys, idx, tile, slot, tid, nthreads):
+    """Sorts every aligned block of `slot` elements of the shared arrays keys[:tile],
+    idx[:tile] ascending by (key, idx) (tile and slot powers of two, slot <= tile).
+
+    Block-uniform: every thread calls it after a barrier that published the arrays; it ends
+    with a barrier. Each size starts with a flip step (i against its mirror in the size block),
+    so every slot comes out ascending (no alternating directions) and slots stay independent.
+    """
+    half = tile // 2
+    size = 2
+    while size <= slot:
+        distance = size // 2
+        flip = True
+        while distance > 0:
+            for q in range(tid, half, nthreads):
+                i = 2 * q - (q & (distance - 1))
+                if flip:
+                    j = i ^ (size - 1)
+                else:
+                    j = i + distance
+                ki = keys[i]
+                kj = keys[j]
+                if kj < ki or (kj == ki and idx[j] < idx[i]):
+                    keys[i] = kj
+                    keys[j] = ki
+                    t = idx[i]
+                    idx[i] = idx[j]
+                    idx[j] = t
+            cu.syncthreads()
+            flip = False
+            distance //= 2
+        size *= 2
 
 
 # --- compilation check --------------------------------------------------------------------------

@@ -90,7 +90,6 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
     storage = ns.key_storage_dtype(dtype_name)
     key_t = numba.from_dtype(storage)
     sentinel = ns.KEY_SENTINEL[storage]
-    half_tile = tile // 2
 
     @cuda.jit(device=True, inline=True)
     def tile_desc(s, row_n, tile_len, tiles_per_row, starts, lens, bases):
@@ -124,31 +123,7 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
             skeys[p] = k
             sidx[p] = ix
         cuda.syncthreads()
-        # Bitonic network sorting every aligned block of `slot` ascending: for each size, a
-        # flip step (i against its mirror in the size block), then half-cleaners.
-        size = 2
-        while size <= slot:
-            distance = size // 2
-            flip = True
-            while distance > 0:
-                for q in range(tid, half_tile, threads):
-                    i = 2 * q - (q & (distance - 1))
-                    if flip:
-                        j = i ^ (size - 1)
-                    else:
-                        j = i + distance
-                    ki = skeys[i]
-                    kj = skeys[j]
-                    if kj < ki or (kj == ki and sidx[j] < sidx[i]):
-                        skeys[i] = kj
-                        skeys[j] = ki
-                        t = sidx[i]
-                        sidx[i] = sidx[j]
-                        sidx[j] = t
-                cuda.syncthreads()
-                flip = False
-                distance //= 2
-            size *= 2
+        ns.bitonic_sort_slots(skeys, sidx, tile, slot, tid, threads)
         for p in range(tid, tile, threads):
             s = first + p // slot
             c = p % slot
