@@ -25,6 +25,7 @@ it includes, so the code handed to NVRTC starts with a comment carrying a digest
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -140,6 +141,49 @@ def get_kernel(package: str, filename: str, name_expression: str):
         raise KeyError(f"{name_expression!r} is not listed in {package}._cupy.CUDA_SOURCES"
                        f"[{filename!r}]")
     return get_module(package, filename, expressions).get_function(name_expression)
+
+
+# --- launching (the op modules go through these, so tests can run them on the host emulator) ---
+
+def xp():
+    """The array module the op modules allocate with (CuPy)."""
+    import cupy
+    return cupy
+
+
+def stream_scope(stream):
+    """Context making `stream` current (allocations and launches go there). `stream`: None (the
+    current stream), a `cupy.cuda.Stream`, an object with `__cuda_stream__` or a raw
+    `cudaStream_t` handle as int."""
+    if stream is None:
+        return contextlib.nullcontext()
+    import cupy
+    if isinstance(stream, cupy.cuda.Stream):
+        return stream
+    if hasattr(stream, "__cuda_stream__"):
+        stream = stream.__cuda_stream__()[1]
+    elif hasattr(stream, "handle") and not isinstance(stream, int):  # e.g. a Numba stream
+        stream = int(getattr(stream.handle, "value", stream.handle) or 0)
+    return cupy.cuda.ExternalStream(int(stream))
+
+
+def launch(package: str, filename: str, name_expression: str, grid: int, block: int, args,
+           shared_mem: int = 0) -> None:
+    """Launches one instantiation on the current stream with a 1-D grid and block. Scalars in
+    `args` must be NumPy scalars of the kernel parameter's exact type."""
+    kernel = get_kernel(package, filename, name_expression)
+    kernel((int(grid),), (int(block),), tuple(args), shared_mem=int(shared_mem))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_id: int) -> int:
+    import cupy
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the current device (sizes grids of few long rows)."""
+    return _multiprocessor_count(_device_id())
 
 
 def all_cuda_sources() -> list[tuple[str, str, tuple[str, ...]]]:
