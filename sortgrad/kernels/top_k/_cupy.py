@@ -1,0 +1,95 @@
+"""CuPy backend of top-k: the CUDA C kernels of top_k.cu (and segmented_sort.cu).
+
+Contract: as `_cpu.top_k_rows` -- the k largest entries of each row in IEEE totalOrder, largest
+first, ties to the lower index, values bit-exact, int32 indices -- on a C-contiguous (rows, n)
+CuPy array, launched on `stream` (None: the current stream), without synchronising.
+
+Launch mapping (256-thread blocks):
+- n <= 256, or n <= 2048 with k > 32: the segmented-sort kernel sorts whole rows in one block
+  (several rows per block) and writes only the first k entries;
+- k <= 32: `sg_topk_filter`, warp-level filtering; one block per row, or, when there are fewer
+  rows than ~4 blocks per multiprocessor, `chunks` blocks per row that write k candidates each,
+  reduced by a second launch of the same kernel;
+- 32 < k <= 2048: `sg_topk_radix`, one block per row: radix select, ordered collection, sort of
+  the k survivors;
+- k > 2048: the segmented sort (tiles + merge passes), only the first k entries written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._cuda import cupy_loader as _loader
+from ..segmented_sort import _cupy as _sort
+
+PACKAGE = "sortgrad.kernels.top_k"
+SOURCE = "top_k.cu"
+
+CUDA_SOURCES = {
+    SOURCE: tuple(f"sg_topk_{kernel}<{c}>" for kernel in ("filter", "radix")
+                  for c in _sort.C_BITS.values()),
+}
+
+DTYPES = _sort.DTYPES
+
+THREADS = 256
+FILTER_MAX_K = 32
+RADIX_MAX_K = 2048
+REGISTER_ROW = 256  # rows sorted in registers and shuffles alone
+BLOCK_ROW = _sort.TILE_ITEMS  # rows sorted by one block
+MIN_CHUNK = 8192  # elements per block when a row is split
+
+
+def _launch(kernel: str, itemsize: int, grid: int, args) -> None:
+    _loader.launch(PACKAGE, SOURCE, f"sg_topk_{kernel}<{_sort.C_BITS[itemsize]}>", grid,
+                   THREADS, args)
+
+
+def _filter(xb, vb, indices, k: int, kind: int) -> None:
+    xp = _loader.xp()
+    rows, n = xb.shape
+    itemsize = xb.dtype.itemsize
+    target_blocks = 4 * _loader.multiprocessor_count()
+    chunks = 1
+    if rows < target_blocks:
+        chunks = max(1, min(-(-target_blocks // rows), n // MIN_CHUNK))
+    chunk_len = -(-n // chunks)
+    chunks = -(-n // chunk_len)  # every chunk non-empty
+    unused = indices  # pointer parameters that are not read in this mode
+    if chunks == 1:
+        _launch("filter", itemsize, rows,
+                (xb, np.int64(n), unused, np.int32(0), np.int64(n), np.int32(1),
+                 np.int64(chunk_len), np.int32(k), np.int32(kind), unused, np.int32(0), vb,
+                 indices))
+        return
+    words = rows * chunks * k * (1 if itemsize <= 4 else 2)
+    candidates = xp.empty(words, dtype=np.uint64)
+    _launch("filter", itemsize, rows * chunks,
+            (xb, np.int64(n), unused, np.int32(0), np.int64(n), np.int32(chunks),
+             np.int64(chunk_len), np.int32(k), np.int32(kind), candidates, np.int32(1), vb,
+             indices))
+    n_in = chunks * k
+    _launch("filter", itemsize, rows,
+            (xb, np.int64(n), candidates, np.int32(1), np.int64(n_in), np.int32(1),
+             np.int64(n_in), np.int32(k), np.int32(kind), candidates, np.int32(0), vb, indices))
+
+
+def top_k_rows(x, k: int, stream=None):
+    """(values, int32 indices), both (rows, k), of a C-contiguous (rows, n) CuPy array."""
+    xp = _loader.xp()
+    rows, n = x.shape
+    with _loader.stream_scope(stream):
+        values = xp.empty((rows, k), dtype=x.dtype)
+        indices = xp.empty((rows, k), dtype=np.int32)
+        if rows == 0 or k == 0:
+            return values, indices
+        kind = _sort.kind_of(x.dtype)
+        if n <= REGISTER_ROW or (n <= BLOCK_ROW and k > FILTER_MAX_K) or k > RADIX_MAX_K:
+            _sort.sort_rows_into(x, values, indices, _sort.MODE_TOPK, k)
+        elif k <= FILTER_MAX_K:
+            _filter(_sort.bits(x), _sort.bits(values), indices, k, kind)
+        else:
+            _launch("radix", x.dtype.itemsize, rows,
+                    (_sort.bits(x), np.int64(n), np.int32(k), np.int32(kind), _sort.bits(values),
+                     indices))
+    return values, indices
