@@ -194,11 +194,11 @@ template <class V>
 __device__ __forceinline__ V shfl_up_v(const V& v, int delta, int width) {
   static_assert(sizeof(V) % 4 == 0, "shuffled structs are whole 32-bit words");
   int words[sizeof(V) / 4];
-  __builtin_memcpy(words, &v, sizeof(V));
+  memcpy(words, &v, sizeof(V));
 #pragma unroll
   for (int i = 0; i < (int)(sizeof(V) / 4); ++i) words[i] = __shfl_up_sync(FULL, words[i], delta, width);
   V out;
-  __builtin_memcpy(&out, words, sizeof(V));
+  memcpy(&out, words, sizeof(V));
   return out;
 }
 
@@ -206,11 +206,11 @@ template <class V>
 __device__ __forceinline__ V shfl_v(const V& v, int src_lane, int width) {
   static_assert(sizeof(V) % 4 == 0, "shuffled structs are whole 32-bit words");
   int words[sizeof(V) / 4];
-  __builtin_memcpy(words, &v, sizeof(V));
+  memcpy(words, &v, sizeof(V));
 #pragma unroll
   for (int i = 0; i < (int)(sizeof(V) / 4); ++i) words[i] = __shfl_sync(FULL, words[i], src_lane, width);
   V out;
-  __builtin_memcpy(&out, words, sizeof(V));
+  memcpy(&out, words, sizeof(V));
   return out;
 }
 
