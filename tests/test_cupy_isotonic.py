@@ -402,3 +402,43 @@ def test_gpu_stream_and_backend_module(cp):
         # a block's grad_s sums to the block's sum of g (here its size), whatever the reg
         assert math.isclose(float(gs.sum()), float(g.sum()), rel_tol=1e-9)
     assert bool((s == s_before).all()) and bool((w == w_before).all())
+
+
+# --- NVRTC compile (no GPU needed) ----------------------------------------------------------
+
+def _nvrtc_options(arch: int) -> list[bytes]:
+    from sortgrad.kernels._cuda import cupy_loader
+    try:
+        options = list(cupy_loader.compile_options(arch))
+    except ImportError:  # no CuPy, so no CCCL: isotonic.cu needs only the shared .cuh dir
+        options = ["-std=c++17", f"-I{_EMULATOR.parent}", f"-arch=sm_{arch}"]
+    options += ["-Werror=all-warnings", *cupy_loader.CUPY_IMPLICIT_OPTIONS]
+    return [o.encode() for o in options]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvrtc_compiles_every_instantiation(arch):
+    """isotonic.cu compiles with NVRTC, warnings as errors, for every name expression listed
+    in _cupy.CUDA_SOURCES (what a GPU run compiles)."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    try:
+        nvrtc.nvrtcVersion()
+    except Exception as err:  # the bindings are there, the NVRTC library is not
+        pytest.skip(f"NVRTC library not loadable: {err}")
+    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
+    err, prog = nvrtc.nvrtcCreateProgram(_SOURCE.read_bytes(), b"isotonic.cu", 0, [], [])
+    assert err == ok
+    try:
+        expressions = _cupy.CUDA_SOURCES["isotonic.cu"]
+        for expression in expressions:
+            assert nvrtc.nvrtcAddNameExpression(prog, expression.encode())[0] == ok
+        options = _nvrtc_options(arch)
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert err == ok, log.decode(errors="replace")
+        for expression in expressions:
+            assert nvrtc.nvrtcGetLoweredName(prog, expression.encode())[0] == ok, expression
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)

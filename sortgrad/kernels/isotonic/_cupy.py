@@ -71,9 +71,15 @@ def plan(rows: int, n: int, regularization: str, sm_count: int, entry_bytes: int
 
 # --- CuPy plumbing ------------------------------------------------------------------------
 
-def _kernel(name: str):
+@functools.lru_cache(maxsize=None)
+def _kernel_on(device_id: int, name: str):
     from .._cuda import cupy_loader
     return cupy_loader.get_kernel(__package__, "isotonic.cu", name)
+
+
+def _kernel(name: str):
+    import cupy
+    return _kernel_on(cupy.cuda.runtime.getDevice(), name)
 
 
 @functools.lru_cache(maxsize=None)
