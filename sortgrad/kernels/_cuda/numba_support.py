@@ -462,9 +462,7 @@ warp_broadcast = shared_or_shuffle(_warp_broadcast_shfl, _warp_broadcast_shared)
 
 
 @cuda.jit(device=True)
-def block_exclusive_sum(value, tid, nthreads, scratch, warp_totals):
-    """(exclusive prefix sum of `value` in thread order, block total); see the module docstring.
-    Ends with a barrier, so the caller may reuse `warp_totals` / `scratch` right away."""
+def _block_exclusive_sum_shfl(value, tid, nthreads, scratch, warp_totals):
     lane = tid % WARP_SIZE
     warp = tid // WARP_SIZE
     num_warps = (nthreads + WARP_SIZE - 1) // WARP_SIZE
@@ -482,6 +480,28 @@ def block_exclusive_sum(value, tid, nthreads, scratch, warp_totals):
     total = warp_broadcast(totals_inclusive, num_warps - 1, tid, scratch)
     cu.syncthreads()
     return warp_offset + inclusive - value, total
+
+
+@cuda.jit(device=True)
+def _block_exclusive_sum_shared(value, tid, nthreads, scratch, warp_totals):
+    # Simulator twin: every thread sums the published values itself (blocks are small there);
+    # three barriers instead of the nine of the warp-structured version.
+    cu.syncthreads()
+    scratch[tid] = value
+    cu.syncthreads()
+    before = value - value
+    for i in range(tid):
+        before += scratch[i]
+    total = before
+    for i in range(tid, nthreads):
+        total += scratch[i]
+    cu.syncthreads()
+    return before, total
+
+
+block_exclusive_sum = shared_or_shuffle(_block_exclusive_sum_shfl, _block_exclusive_sum_shared)
+"""(exclusive prefix sum of `value` in thread order, block total); see the module docstring.
+Ends with a barrier, so the caller may reuse `warp_totals` / `scratch` right away."""
 
 
 # --- shared-memory sorting network -------------------------------------------------------------
