@@ -30,6 +30,7 @@
 //     state that outlives a tile lives in a global scratch buffer of n entries per block.
 //
 // Forward, per tile:
+//   0. the entries' leaf accumulators are loaded coalesced into the tile's shared arrays.
 //   1. chunk_pav: each thread runs PAV on its chunk. Blocks live *at their start position* p
 //      of the tile's shared arrays: end[p] = end of the block (exclusive), -1 where no block
 //      starts; acc[p] = its accumulators; begin[e - 1] = p at its last entry, so the block
@@ -293,22 +294,22 @@ struct MinOp {
 
 // --- forward building blocks (tile-local positions; a tile's arrays in shared memory) -------
 
-// PAV over the chunk [a, e): pushes each entry as a block and pools while the block below is
-// strictly smaller. The top block stays in registers until the next push.
+// PAV over the chunk [a, e), whose entries' leaf accumulators are staged in acc[a, e): pushes
+// each entry as a block and pools while the block below is strictly smaller. The top block
+// stays in registers until the next push; spills go to positions already read.
 // Postcondition: the chunk's blocks satisfy the storage invariant (end/begin/acc at their
 // extents, end[p] = -1 for every other p in [a, e)) and their values do not increase.
-template <class P, class T>
-__device__ void chunk_pav(const T* s, const T* w, int a, int e, typename P::Acc* acc, int* end,
-                          int* begin) {
+template <class P>
+__device__ void chunk_pav(int a, int e, typename P::Acc* acc, int* end, int* begin) {
   typedef Block<typename P::Acc> B;
   if (a >= e) return;
-  B cur = make_block<P>(P::leaf(s[a], w[a]), 1);
+  B cur = make_block<P>(acc[a], 1);
   int cs = a;  // start of cur
   for (int p = a + 1; p < e; ++p) {
-    acc[cs] = cur.acc;  // spill the top block
+    acc[cs] = cur.acc;  // spill the top block (cs < p)
     end[cs] = p;
     begin[p - 1] = cs;
-    cur = make_block<P>(P::leaf(s[p], w[p]), 1);
+    cur = make_block<P>(acc[p], 1);
     cs = p;
     while (cs > a) {
       const int bs = begin[cs - 1];
@@ -358,13 +359,16 @@ __device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, 
   begin[me - 1] = ms;
 }
 
-// Chunk PAV then the tree merge of a group's chunks over a tile of `len` entries. Ends with a
-// group barrier: afterwards every thread of the group may read the tile's stack.
+// Coalesced staging of the tile's leaves, chunk PAV, then the tree merge of a group's chunks
+// over a tile of `len` entries. Ends with a group barrier: afterwards every thread of the group
+// may read the tile's stack. The caller makes sure nobody still reads acc/end/begin.
 template <class P, class T>
 __device__ void tile_pav(const T* s, const T* w, int lane, int group, int items, int len,
                          typename P::Acc* acc, int* end, int* begin) {
+  for (int p = lane; p < len; p += group) acc[p] = P::leaf(s[p], w[p]);
+  group_sync(group);
   const int a = imin(lane * items, len), e = imin(a + items, len);
-  chunk_pav<P>(s, w, a, e, acc, end, begin);
+  chunk_pav<P>(a, e, acc, end, begin);
   group_sync(group);
   for (int span = 1; span < group; span <<= 1) {
     if ((lane & (2 * span - 1)) == 0) {
