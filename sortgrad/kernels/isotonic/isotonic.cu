@@ -39,15 +39,15 @@
 //      across their boundary (merge_pair). Pooling the blocks of sub-PAVs and pooling again is
 //      exact: the final blocks are unions of sub-blocks, and the only violations left after
 //      two valid stacks meet are next to the block that grows across the boundary.
-//   3. small: a group scan of (block-start count, min block value) writes ids and the clamped
-//      solution directly.
+//   3. small: a group scan of (block-start count, min block value) gives ids and the clamped
+//      solution, written coalesced through shared memory (store_tile).
 //      large: the row's blocks so far form a compact stack in global memory (slot k: start in
 //      ids[k] -- slot k <= its start, so the output row has room -- and accumulators in the
 //      scratch). Warp 0 pools the tile's bottom block with the stack top, 32 stack blocks per
 //      step (a shuffle scan of the candidate pools and a ballot for the first non-violation),
 //      and with the tile's next blocks; then the tile's remaining blocks are appended by a
 //      block scan. After the last tile: a prefix-min pass over the stack (the clamp), then a
-//      right-to-left pass over the tiles writes ids and solution (right to left, so the
+//      right-to-left pass over the tiles writes ids and solution coalesced (right to left, so the
 //      output writes of a tile never clobber stack slots a later pass still reads: those are
 //      below the tile's first position).
 //
@@ -382,6 +382,28 @@ __device__ void tile_pav(const T* s, const T* w, int lane, int group, int items,
 
 // --- forward kernels --------------------------------------------------------------------
 
+// Writes a tile's outputs coalesced: each thread's results for its chunk [a, e) (registers)
+// go through the shared arrays sol_s / id_s (which the group no longer reads after the first
+// barrier) to the row at stride `group`.
+template <class T, int ITEMS>
+__device__ __forceinline__ void store_tile(const T (&out_v)[ITEMS], const int (&out_id)[ITEMS],
+                                           int a, int e, int lane, int group, int len, T* sol_s,
+                                           int* id_s, T* sol_row, int* ids_row) {
+  group_sync(group);
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (a + k < e) {
+      sol_s[a + k] = out_v[k];
+      id_s[a + k] = out_id[k];
+    }
+  }
+  group_sync(group);
+  for (int p = lane; p < len; p += group) {
+    sol_row[p] = sol_s[p];
+    ids_row[p] = id_s[p];
+  }
+}
+
 // Rows of n <= group * items: a group of `group` threads (a power of two <= BLOCK) per row,
 // BLOCK / group rows per block.
 // s, sol, ids: (rows, n) C-contiguous; w: rows of n at stride w_stride (0: one shared row).
@@ -425,14 +447,22 @@ isotonic_fwd_small(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
       group_scan_exclusive(agg, min_count(pos_inf(), 0), group, scan_raw, MinCountOp(), &total);
   double v = pre.v;
   int c = pre.c;
-  for (int p = a; p < e; ++p) {
-    if (end[p] >= 0) {
-      ++c;
-      v = dmin(v, P::value(acc[p], end[p] - p));
+  T out_v[items];
+  int out_id[items];
+#pragma unroll
+  for (int k = 0; k < items; ++k) {
+    const int p = a + k;
+    if (p < e) {
+      if (end[p] >= 0) {
+        ++c;
+        v = dmin(v, P::value(acc[p], end[p] - p));
+      }
+      out_v[k] = (T)v;
+      out_id[k] = c - 1;
     }
-    sol_row[p] = (T)v;
-    ids_row[p] = c - 1;
   }
+  store_tile(out_v, out_id, a, e, lane, group, len, reinterpret_cast<T*>(acc), begin, sol_row,
+             ids_row);
 }
 
 // Rows longer than a tile (BLOCK * items): one row per block at a time, tiles swept left to
@@ -585,12 +615,20 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
       int in_tile;  // blocks starting in the tile
       int c = group_scan_exclusive(cnt, 0, BLOCK, scan_raw, SumOp(), &in_tile);
       const int base = cursor - in_tile;  // slot of the block holding the entry before t0
-      for (int p = a; p < e; ++p) {
-        c += end[p];
-        const int id = base + c;
-        sol_row[t0 + p] = (T)val[cursor - id];
-        ids_row[t0 + p] = id;
+      T out_v[items];
+      int out_id[items];
+#pragma unroll
+      for (int k = 0; k < items; ++k) {
+        const int p = a + k;
+        if (p < e) {
+          c += end[p];
+          out_id[k] = base + c;
+          out_v[k] = (T)val[cursor - out_id[k]];
+        }
       }
+      // val (the acc array) becomes the staging area of the solution, begin that of the ids
+      store_tile(out_v, out_id, a, e, tid, BLOCK, len, reinterpret_cast<T*>(acc), begin,
+                 sol_row + t0, ids_row + t0);
       cursor = base;
       __syncthreads();
     }
