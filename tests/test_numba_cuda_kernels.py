@@ -419,3 +419,25 @@ def test_kernels_compile_to_ptx():
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the GPU benchmark's smoke mode ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke(tmp_path, constants):
+    if constants != "small":
+        pytest.skip("runs once")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ)
+    if SIM:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    result = subprocess.run([sys.executable, os.path.join(root, "perf", "bench_gpu_numba.py"),
+                             "--smoke", "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    import json
+    records = json.loads(out.read_text())["records"]
+    assert {r["case"] for r in records} >= {"sort_rows8", "sort_ragged", "top_k1",
+                                            "scatter_1row"}
+    assert all(r["agree"] for r in records)
