@@ -261,27 +261,31 @@ def _copy_through_kernel(bits, vals_out, perm_out):
 # --- host side ----------------------------------------------------------------------------------
 
 class _Scratch:
-    """Two (key, index) ping-pong buffers of `size` elements, allocated on first use."""
+    """Two (key, index) ping-pong buffers of `size` elements, allocated on first use (from
+    CuPy's pool when the input is a CuPy array, else by Numba)."""
 
-    def __init__(self, size: int, storage):
-        self.size, self.storage, self.buffers = size, storage, None
+    def __init__(self, size: int, storage, kind: str):
+        self.size, self.storage, self.kind, self.buffers = size, storage, kind, None
 
     def get(self):
         if self.buffers is None:
-            self.buffers = [(ns.empty(self.size, self.storage), ns.empty(self.size, np.int32))
-                            for _ in range(2)]
+            self.buffers = [(ns.empty(self.size, self.storage, self.kind),
+                             ns.empty(self.size, np.int32, self.kind)) for _ in range(2)]
         return self.buffers
 
 
 def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, perm_out,
                 row_n: int = -1, num_rows: int = 0, segments=None, out_stride: int = -1,
-                out_limit: int = 2**62):
+                out_limit: int = 2**62, kind: str = "numba"):
     """Sorts segments of the 1-D bits array `bits` (the input viewed as unsigned integers).
 
     Uniform rows: row_n >= 0 and num_rows rows of row_n elements. Table mode: `segments` =
     (host int64 starts, host int64 lengths), lengths >= 2. Final values/perm go to
     vals_out (bits dtype) / perm_out (int32) at row*out_stride + c (out_stride >= 0) or at
     start + c, columns c < out_limit only. Shared with the top-k fallback (order "total").
+    Scratch for long segments: 2 x (key, int32 index) of bits.size, allocated like `kind`.
+    Table mode uploads one host table of segment descriptors on `stream` (from pageable
+    memory the driver may wait for the stream's earlier work before copying).
     """
     dtype = np.dtype(dtype)
     tile, threads, merge_threads, items = _config()
@@ -293,7 +297,7 @@ def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, 
                          f"device has {limits.max_shared_memory_per_block}")
     tiler = _tile_kernel(dtype.name, order, bool(descending), tile, threads)
     merger = _merge_kernel(items)
-    scratch = _Scratch(int(bits.shape[0]), storage)
+    scratch = _Scratch(int(bits.shape[0]), storage, kind)
     dummy = ns.placeholder(np.int64)
     no_keys, no_idx = ns.placeholder(storage), ns.placeholder(np.int32)
 
@@ -396,7 +400,7 @@ def sort_rows(keys, descending, stream=None):
     if rows * n:
         sort_engine(ns.bits_view(ns.flat(x)), x.dtype, "sort", descending, stream_,
                     vals_out=ns.bits_view(ns.flat(values)), perm_out=ns.flat(perm),
-                    row_n=n, num_rows=rows, out_stride=n)
+                    row_n=n, num_rows=rows, out_stride=n, kind=kind)
     return ns.like_input(values, kind), ns.like_input(perm, kind)
 
 
@@ -418,7 +422,7 @@ def sort_segments(keys, offsets, descending, stream=None):
         work = lengths >= 2
         if work.any():
             sort_engine(bits, x.dtype, "sort", descending, stream_, vals_out=vals_bits,
-                        perm_out=perm, segments=(starts[work], lengths[work]))
+                        perm_out=perm, segments=(starts[work], lengths[work]), kind=kind)
     return ns.like_input(values, kind), ns.like_input(perm, kind)
 
 

@@ -227,7 +227,8 @@ def top_k_rows(x, k, stream=None):
     vals_bits, idx_flat = ns.bits_view(ns.flat(values)), ns.flat(indices)
     if k > max_k:
         _sort.sort_engine(bits, a.dtype, "total", True, stream_, vals_out=vals_bits,
-                          perm_out=idx_flat, row_n=n, num_rows=rows, out_stride=k, out_limit=k)
+                          perm_out=idx_flat, row_n=n, num_rows=rows, out_stride=k, out_limit=k,
+                          kind=kind)
         return ns.like_input(values, kind), ns.like_input(indices, kind)
     kernel = _select_kernel(np.dtype(a.dtype).name, threads, max_k, cache_bytes)
     no_idx = ns.placeholder(np.int32)
@@ -237,8 +238,8 @@ def top_k_rows(x, k, stream=None):
         kernel[rows, threads, stream_](bits, no_idx, False, n, n, 1, k, vals_bits, idx_flat)
     else:
         chunk_len = -(-n // chunks)
-        cand_bits = ns.empty(rows * chunks * k, vals_bits.dtype)
-        cand_idx = ns.empty(rows * chunks * k, np.int32)
+        cand_bits = ns.empty(rows * chunks * k, vals_bits.dtype, kind)
+        cand_idx = ns.empty(rows * chunks * k, np.int32, kind)
         kernel[rows * chunks, threads, stream_](bits, no_idx, False, n, chunk_len, chunks, k,
                                                 cand_bits, cand_idx)
         m = chunks * k
