@@ -53,7 +53,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._common import array_kind
+from .._cuda import numba_support as ns
 from ._cpu import LINEAR_KL_SPREAD
 
 DTYPES = ("float32", "float64")
@@ -116,29 +116,14 @@ def _lse_join(m1, z1, m2, z2):
 
 # --- launch configuration -----------------------------------------------------------------
 
-_LIMITS = {}
-
-
-def _device_limits():
-    """(max threads per block, max static shared bytes per block) of the current device."""
-    try:
-        device = cuda.get_current_device()
-    except AttributeError:  # the simulator has no device attributes
-        return 1024, 48 * 1024
-    key = device.id
-    if key not in _LIMITS:
-        _LIMITS[key] = (int(device.MAX_THREADS_PER_BLOCK),
-                        int(device.MAX_SHARED_MEMORY_PER_BLOCK))
-    return _LIMITS[key]
-
-
 def _config(n: int, floats: int, ints: int, scan_floats: int):
     """Launch shape for rows of length n >= 1.
 
     Returns (block, log2 G, chunk C, rows per block R, shared?, capacity): G threads per row,
     chunk = ceil(n / G), capacity = the shared work entries per block (compile-time constant).
     """
-    max_threads, max_shared = _device_limits()
+    limits = ns.device_limits()
+    max_threads, max_shared = limits.max_threads_per_block, limits.max_shared_memory_per_block
     block = 1
     while block * 2 <= min(BLOCK, max_threads):
         block *= 2
@@ -545,49 +530,12 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
 
 
 
-# --- device arrays and streams (local until the shared numba_support helpers land) ----------
-
-def _as_device(x):
-    """(Numba device array view of x, kind of x)."""
-    kind = array_kind(x)
-    if kind == "numba":
-        return x, kind
-    return cuda.as_cuda_array(x), kind
-
-
-def _like_input(result, kind):
-    if kind == "cupy":
-        import cupy
-        return cupy.asarray(result)  # zero-copy view that keeps the Numba allocation alive
-    return result
-
-
-def _resolve_stream(stream, kind):
-    """A Numba stream for `stream` (a Numba stream, a raw handle, or an object with .ptr /
-    .cuda_stream); None: CuPy's current stream for CuPy input, else Numba's default stream."""
-    if not hasattr(cuda, "external_stream"):  # simulator: streams are ignored
-        return stream if stream is not None and not isinstance(stream, int) else 0
-    if stream is None:
-        if kind == "cupy":
-            import cupy
-            ptr = cupy.cuda.get_current_stream().ptr
-            return cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        return cuda.default_stream()
-    if isinstance(stream, int):
-        return cuda.external_stream(stream) if stream else cuda.default_stream()
-    for attr in ("ptr", "cuda_stream"):
-        handle = getattr(stream, attr, None)
-        if isinstance(handle, int):
-            return cuda.external_stream(handle) if handle else cuda.default_stream()
-    return stream
-
-
-def _scratch(shared: bool, floats: int, ints: int, rows: int, n: int, stream):
+def _scratch(shared: bool, floats: int, ints: int, rows: int, n: int, kind: str):
     """Global work arrays, (floats, rows n) float64 and (ints, rows n) int32, or 1-entry
-    placeholders when the work arrays live in shared memory."""
+    placeholders when the work arrays live in shared memory. No initialisation needed: every
+    entry a kernel reads was written by it first."""
     size = 1 if shared else rows * n
-    return (cuda.device_array((floats, size), np.float64, stream=stream),
-            cuda.device_array((ints, size), np.int32, stream=stream))
+    return (ns.empty((floats, size), np.float64, kind), ns.empty((ints, size), np.int32, kind))
 
 
 # --- the backend interface -----------------------------------------------------------------
@@ -600,45 +548,45 @@ def isotonic_rows(s, w, regularization: str, stream=None):
     block ids numbering the pooled runs 0, 1, ... from the left), new device arrays of s's
     kind, computed on `stream` without synchronising.
     """
-    s_dev, kind = _as_device(s)
-    w_dev, _ = _as_device(w)
+    s_dev, kind = ns.as_device(s)
+    w_dev, _ = ns.as_device(w)
     rows, n = (int(d) for d in s_dev.shape)
     dtype = np.dtype(s_dev.dtype)
-    stream = _resolve_stream(stream, kind)
-    sol = cuda.device_array((rows, n), dtype, stream=stream)
-    blk = cuda.device_array((rows, n), np.int32, stream=stream)
+    stream = ns.resolve_stream(stream, s)
+    sol = ns.empty((rows, n), dtype, kind)
+    blk = ns.empty((rows, n), np.int32, kind)
     if rows and n:
         floats = _FWD_FLOATS[regularization]
         scan_floats = 4 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(n, floats, _FWD_INTS, scan_floats)
         kernel = _forward_kernel(dtype.name, regularization, shared, block, capacity)
-        fa, ia = _scratch(shared, floats, _FWD_INTS, rows, n, stream)
+        fa, ia = _scratch(shared, floats, _FWD_INTS, rows, n, kind)
         grid = -(-rows // r)
         kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
                                     int(w_dev.shape[0]) == 1, fa, ia)
-    return _like_input(sol, kind), _like_input(blk, kind)
+    return ns.like_input(sol, kind), ns.like_input(blk, kind)
 
 
 def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
     """VJP of `isotonic_rows`, as `_cpu.isotonic_vjp_rows`: (grad_s, grad_w), both (rows, n)
     of g's dtype. Blocks are the maximal runs of equal `block_ids` (s and w are read for KL
     only)."""
-    g_dev, kind = _as_device(g)
-    s_dev, _ = _as_device(s)
-    w_dev, _ = _as_device(w)
-    b_dev, _ = _as_device(block_ids)
+    g_dev, kind = ns.as_device(g)
+    s_dev, _ = ns.as_device(s)
+    w_dev, _ = ns.as_device(w)
+    b_dev, _ = ns.as_device(block_ids)
     rows, n = (int(d) for d in g_dev.shape)
     dtype = np.dtype(g_dev.dtype)
-    stream = _resolve_stream(stream, kind)
-    grad_s = cuda.device_array((rows, n), dtype, stream=stream)
-    grad_w = cuda.device_array((rows, n), dtype, stream=stream)
+    stream = ns.resolve_stream(stream, g)
+    grad_s = ns.empty((rows, n), dtype, kind)
+    grad_w = ns.empty((rows, n), dtype, kind)
     if rows and n:
         floats = _VJP_FLOATS[regularization]
         scan_floats = 5 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(n, floats, _VJP_INTS, scan_floats)
         kernel = _vjp_kernel(dtype.name, regularization, shared, block, capacity)
-        fa, ia = _scratch(shared, floats, _VJP_INTS, rows, n, stream)
+        fa, ia = _scratch(shared, floats, _VJP_INTS, rows, n, kind)
         grid = -(-rows // r)
         kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
                                     chunk, int(w_dev.shape[0]) == 1, fa, ia)
-    return _like_input(grad_s, kind), _like_input(grad_w, kind)
+    return ns.like_input(grad_s, kind), ns.like_input(grad_w, kind)
