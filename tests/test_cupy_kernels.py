@@ -346,7 +346,7 @@ def _ks(n):
 
 TOPK_CASES = ([("float32", n, p) for n in SIZES for p in ("random", "ties", "special")]
               + [(d, n, "special") for d in ("float16", "float64") for n in (33, 1025, 4097)]
-              + [(d, 1500, "random") for d in OTHER_DTYPES])
+              + [(d, n, "random") for d in OTHER_DTYPES for n in (1500, 1504)])
 
 
 @pytest.mark.parametrize("dtype,n,pattern", TOPK_CASES)
@@ -362,10 +362,11 @@ def test_top_k(run, dtype, n, pattern):
 
 
 @pytest.mark.parametrize("pattern", ["random", "ties", "special"])
-def test_top_k_split_rows(run, pattern):
+@pytest.mark.parametrize("extra", [5, 8], ids=["scalar_loads", "vector_loads"])
+def test_top_k_split_rows(run, pattern, extra):
     """Few long rows: the filter splits each row over several blocks, then reduces."""
-    rng = np.random.default_rng(_seed("split", pattern))
-    x = make_keys(rng, (1, 3 * topk_cupy.MIN_CHUNK + 5), "float32", pattern)
+    rng = np.random.default_rng(_seed("split", pattern, extra))
+    x = make_keys(rng, (1, 3 * topk_cupy.MIN_CHUNK + extra), "float32", pattern)
     for k in (1, 7, 32):
         values, indices = run(topk_cupy.top_k_rows, x, k)
         expected_values, expected_indices = topk_cpu.top_k_rows(x, k)

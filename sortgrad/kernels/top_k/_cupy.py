@@ -54,6 +54,7 @@ def _filter(xb, vb, indices, k: int, kind: int) -> None:
     if rows < target_blocks:
         chunks = max(1, min(-(-target_blocks // rows), n // MIN_CHUNK))
     chunk_len = -(-n // chunks)
+    chunk_len = -(-chunk_len // 16) * 16  # chunks start 16-byte aligned (vector loads)
     chunks = -(-n // chunk_len)  # every chunk non-empty
     unused = indices  # pointer parameters that are not read in this mode
     if chunks == 1:

@@ -6,7 +6,8 @@
 //   sg_topk_filter (k <= 32): warp-level filtering. Each warp keeps its best 32 items sorted
 //     across its lanes and a threshold (its k-th best); a batch of 32 elements costs one ballot
 //     when nothing beats the threshold, and each element that does is inserted by a ballot
-//     (its rank) and a shuffle (shift the tail). The 8 warp lists (256 items) are then sorted
+//     (its rank) and a shuffle (shift the tail). Rows of a multiple of 16 bytes are read with
+//     16-byte vector loads. The 8 warp lists (256 items) are then sorted
 //     by one warp with the register/shuffle bitonic network. A row may be split over `chunks`
 //     blocks that write k candidates each; the same kernel then reduces the candidates
 //     (items_mode) to the answer.
@@ -23,6 +24,37 @@ using namespace sg;
 constexpr int TOPK_THREADS = SORT_THREADS;  // the block bitonic network's block
 constexpr int TOPK_WARPS = TOPK_THREADS / WARP;
 constexpr int FILTER_UNROLL = 4;  // independent loads in flight per lane
+
+// 16 bytes seen as one vector load or as elements
+template <class B>
+union Vector16 {
+  uint4 v;
+  B e[16 / sizeof(B)];
+};
+
+// Offers each lane's `item` to the warp's sorted list `best` (see sg_topk_filter); every lane
+// of the warp calls it. Costs one ballot when no lane's item beats the threshold.
+template <class Item>
+__device__ __forceinline__ void warp_insert(Item& best, Item& thr, const Item& item, int k) {
+  const int lane = lane_id();
+  unsigned pending = __ballot_sync(FULL_MASK, item_less(item, thr));
+  while (pending) {  // warp-uniform
+    const int src = __ffs((int)pending) - 1;
+    pending &= pending - 1;
+    const Item c = shfl_item(item, src);
+    if (item_less(c, thr)) {  // thr may have dropped since the ballot
+      // rank of c in the sorted list = number of lanes holding a better item
+      const int pos = __popc(__ballot_sync(FULL_MASK, item_less(best, c)));
+      const Item up = shfl_up_item(best, 1);
+      if (lane == pos) {
+        best = c;
+      } else if (lane > pos) {
+        best = up;
+      }
+      thr = shfl_item(best, k - 1);
+    }
+  }
+}
 
 template <class B>
 __global__ void SG_LAUNCH_BOUNDS(TOPK_THREADS)
@@ -48,33 +80,48 @@ sg_topk_filter(const B* __restrict__ x, i64 n, const typename ItemOf<B>::type* _
   // the k best items the warp has seen; thr = best of lane k-1 (max() until k are seen).
   Item best = Ops::max();
   Item thr = Ops::max();
-  for (i64 base = lo + (i64)warp_id() * WARP; base < hi;
-       base += (i64)TOPK_THREADS * FILTER_UNROLL) {
-    Item it[FILTER_UNROLL];
+  // 16-byte loads when every lane's VEC elements are aligned: rows of a multiple of 16 bytes
+  // (the host makes chunk_len a multiple of 16 elements). Warp w takes strips of WARP * VEC
+  // consecutive elements, lane l the VEC elements at l * VEC of the strip.
+  constexpr int VEC = 16 / (int)sizeof(B);
+  const bool vector_loads = !items_mode && (n * (i64)sizeof(B)) % 16 == 0 &&
+                            ((unsigned long long)x) % 16 == 0;
+  if (vector_loads) {
+    for (i64 base = lo + (i64)warp_id() * WARP * VEC; base < hi;
+         base += (i64)TOPK_THREADS * VEC) {
+      const i64 j0 = base + (i64)lane * VEC;
+      Item it[VEC];
+      if (j0 + VEC <= hi) {
+        Vector16<B> q;
+        q.v = *reinterpret_cast<const uint4*>(xr + j0);
 #pragma unroll
-    for (int u = 0; u < FILTER_UNROLL; ++u) {
-      const i64 j = base + (i64)u * TOPK_THREADS + lane;
-      it[u] = Ops::max();
-      if (j < hi) it[u] = items_mode ? cr[j] : Ops::make(make_key<B>(xr[j], kind, MODE_TOPK), (u32)j);
-    }
+        for (int e = 0; e < VEC; ++e) {
+          it[e] = Ops::make(make_key<B>(q.e[e], kind, MODE_TOPK), (u32)(j0 + e));
+        }
+      } else {
 #pragma unroll
-    for (int u = 0; u < FILTER_UNROLL; ++u) {
-      unsigned pending = __ballot_sync(FULL_MASK, item_less(it[u], thr));
-      while (pending) {  // warp-uniform
-        const int src = __ffs((int)pending) - 1;
-        pending &= pending - 1;
-        const Item c = shfl_item(it[u], src);
-        if (item_less(c, thr)) {  // thr may have dropped since the ballot
-          const int pos = __popc(__ballot_sync(FULL_MASK, item_less(best, c)));
-          const Item up = shfl_up_item(best, 1);
-          if (lane == pos) {
-            best = c;
-          } else if (lane > pos) {
-            best = up;
-          }
-          thr = shfl_item(best, k - 1);
+        for (int e = 0; e < VEC; ++e) {
+          it[e] = j0 + e < hi ? Ops::make(make_key<B>(xr[j0 + e], kind, MODE_TOPK), (u32)(j0 + e))
+                              : Ops::max();
         }
       }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) warp_insert(best, thr, it[e], k);
+    }
+  } else {
+    for (i64 base = lo + (i64)warp_id() * WARP; base < hi;
+         base += (i64)TOPK_THREADS * FILTER_UNROLL) {
+      Item it[FILTER_UNROLL];
+#pragma unroll
+      for (int u = 0; u < FILTER_UNROLL; ++u) {
+        const i64 j = base + (i64)u * TOPK_THREADS + lane;
+        it[u] = Ops::max();
+        if (j < hi) {
+          it[u] = items_mode ? cr[j] : Ops::make(make_key<B>(xr[j], kind, MODE_TOPK), (u32)j);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < FILTER_UNROLL; ++u) warp_insert(best, thr, it[u], k);
     }
   }
 
