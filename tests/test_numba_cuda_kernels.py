@@ -161,9 +161,14 @@ def test_device_adaption_and_streams():
 
 # --- segmented sort ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int32", "uint64", "int8",
-                                   "bool"])
-@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+# 32- and 64-bit floats take every shape; the other key kinds and widths one short row, one past
+# a warp and one with merge passes (the kernels differ between dtypes only in the key function).
+SORT_PARAMS = [(d, shape) for d in ("float32", "float64") for shape in ROW_SHAPES]
+SORT_PARAMS += [(d, shape) for d in ("float16", "int32", "uint64", "int8", "bool")
+                for shape in [(3, 5), (1, 33), (2, 70)]]
+
+
+@pytest.mark.parametrize("dtype,shape", SORT_PARAMS, ids=str)
 def test_sort_rows_matches_cpu(dtype, shape):
     rng = np.random.default_rng(hash((dtype, shape)) % 2**32)
     x = _data(shape, dtype, rng)
@@ -207,8 +212,9 @@ SEGMENT_CASES = {
 }
 
 
-SEGMENT_PARAMS = [(case, d) for case in SEGMENT_CASES for d in ("float32", "int64")]
-SEGMENT_PARAMS += [("mixed", "float16"), ("one_long_among_tiny", "float64")]
+SEGMENT_PARAMS = [(case, "float32") for case in SEGMENT_CASES]
+SEGMENT_PARAMS += [("mixed", "float16"), ("mixed", "int64"), ("one_long_among_tiny", "float64"),
+                   ("exact_tiles", "uint64")]
 
 
 @pytest.mark.parametrize("case,dtype", SEGMENT_PARAMS)
