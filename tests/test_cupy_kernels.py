@@ -159,7 +159,7 @@ class Emulator:
         saved = {name: getattr(cupy_loader, name) for name in hooks}
         cupy_loader.xp = lambda: HostXP
         cupy_loader.launch = self.launch
-        cupy_loader.stream_scope = lambda stream: contextlib.nullcontext()
+        cupy_loader.stream_scope = lambda stream, like=None: contextlib.nullcontext()
         cupy_loader.multiprocessor_count = lambda: self.sm_count
         try:
             yield

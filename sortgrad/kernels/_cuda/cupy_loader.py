@@ -151,20 +151,38 @@ def xp():
     return cupy
 
 
-def stream_scope(stream):
-    """Context making `stream` current (allocations and launches go there). `stream`: None (the
-    current stream), a `cupy.cuda.Stream`, an object with `__cuda_stream__` or a raw
-    `cudaStream_t` handle as int."""
-    if stream is None:
-        return contextlib.nullcontext()
+def _cupy_stream(stream, device_id: int):
+    """`stream` as a CuPy stream object (None stays None)."""
     import cupy
-    if isinstance(stream, cupy.cuda.Stream):
+    if stream is None or isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
         return stream
-    if hasattr(stream, "__cuda_stream__"):
-        stream = stream.__cuda_stream__()[1]
-    elif hasattr(stream, "handle") and not isinstance(stream, int):  # e.g. a Numba stream
-        stream = int(getattr(stream.handle, "value", stream.handle) or 0)
-    return cupy.cuda.ExternalStream(int(stream))
+    if isinstance(stream, int):
+        handle = stream
+    elif hasattr(stream, "__cuda_stream__"):  # the CUDA stream protocol: (version, handle)
+        handle = stream.__cuda_stream__()[1]
+    elif hasattr(stream, "handle"):  # a Numba stream: ctypes handle
+        handle = getattr(stream.handle, "value", stream.handle) or 0
+    else:
+        raise TypeError(f"stream must be None, a CuPy stream, an object with __cuda_stream__ "
+                        f"or a cudaStream_t handle (int), got {type(stream).__name__}")
+    return cupy.cuda.ExternalStream(int(handle), device_id)
+
+
+@contextlib.contextmanager
+def stream_scope(stream, like=None):
+    """Makes the device of the CuPy array `like` and `stream` current for the block (new
+    arrays are allocated and kernels launched there). `stream`: None (the current stream), a
+    CuPy stream, an object with `__cuda_stream__`, a Numba stream or a raw `cudaStream_t`
+    handle (int)."""
+    import cupy
+    with contextlib.ExitStack() as scope:
+        device = getattr(like, "device", None)
+        if isinstance(device, cupy.cuda.Device):
+            scope.enter_context(device)
+        cupy_stream = _cupy_stream(stream, cupy.cuda.runtime.getDevice())
+        if cupy_stream is not None:
+            scope.enter_context(cupy_stream)
+        yield
 
 
 def launch(package: str, filename: str, name_expression: str, grid: int, block: int, args,

@@ -65,7 +65,7 @@ def scatter_rows(values, perm, n: int, stream=None):
     xp = _loader.xp()
     rows, m = perm.shape
     n = int(n)
-    with _loader.stream_scope(stream):
+    with _loader.stream_scope(stream, like=perm):
         if rows and n and m and _staged(n, values.dtype.itemsize):
             out = xp.empty((rows, n), dtype=values.dtype)  # every entry written by the kernel
         else:
@@ -79,7 +79,7 @@ def inverse_rows(perm, stream=None):
     """inv (rows, n) int32 with inv[r, perm[r, i]] = i."""
     xp = _loader.xp()
     rows, n = perm.shape
-    with _loader.stream_scope(stream):
+    with _loader.stream_scope(stream, like=perm):
         inv = xp.empty((rows, n), dtype=np.int32)
         if rows and n:
             _scatter(perm, perm, inv.view(np.uint32), n, 1)

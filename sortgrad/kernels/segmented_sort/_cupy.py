@@ -117,7 +117,7 @@ def sort_rows(keys, descending: bool, stream=None):
     """Stable sort of each row of a C-contiguous (rows, n) CuPy array -> (values, int32 perm)."""
     xp = _loader.xp()
     rows, n = keys.shape
-    with _loader.stream_scope(stream):
+    with _loader.stream_scope(stream, like=keys):
         values = xp.empty((rows, n), dtype=keys.dtype)
         perm = xp.empty((rows, n), dtype=np.int32)
         if rows and n:
@@ -139,7 +139,7 @@ def sort_segments(keys, offsets, descending: bool, stream=None):
     size = keys.shape[0]
     end = int(offsets[-1])
     mode = MODE_SORT_DESC if descending else MODE_SORT_ASC
-    with _loader.stream_scope(stream):
+    with _loader.stream_scope(stream, like=keys):
         values = xp.empty(size, dtype=keys.dtype)
         perm = xp.empty(size, dtype=np.int32)
         if end < size:

@@ -79,7 +79,7 @@ def top_k_rows(x, k: int, stream=None):
     """(values, int32 indices), both (rows, k), of a C-contiguous (rows, n) CuPy array."""
     xp = _loader.xp()
     rows, n = x.shape
-    with _loader.stream_scope(stream):
+    with _loader.stream_scope(stream, like=x):
         values = xp.empty((rows, k), dtype=x.dtype)
         indices = xp.empty((rows, k), dtype=np.int32)
         if rows == 0 or k == 0:
