@@ -377,6 +377,26 @@ def test_public_api_with_an_explicit_stream():
     np.testing.assert_array_equal(_host(perm), kernels.segmented_sort(x)[1])
 
 
+@pytest.mark.skipif(SIM, reason="CuPy arrays need a GPU")
+def test_cupy_arrays_in_cupy_arrays_out():
+    cupy = pytest.importorskip("cupy")
+    x = _data((4, 300), "float32", np.random.default_rng(4))
+    cx = cupy.asarray(x)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:  # launches follow CuPy's current stream
+        values, perm = kernels.segmented_sort(cx, backend="numba")
+        top_values, top_indices = kernels.top_k(cx, 7, backend="numba")
+        out = kernels.permutation_scatter(top_values, top_indices, 300, backend="numba")
+    stream.synchronize()
+    assert all(isinstance(a, cupy.ndarray) for a in (values, perm, top_values, out))
+    want_values, want_perm = kernels.segmented_sort(x)
+    assert_same_bits(values.get(), want_values)
+    np.testing.assert_array_equal(perm.get(), want_perm)
+    want_top = kernels.top_k(x, 7)
+    np.testing.assert_array_equal(top_indices.get(), want_top[1])
+    assert_same_bits(out.get(), kernels.permutation_scatter(*want_top, 300))
+
+
 def test_bad_launches_are_refused():
     with pytest.raises(TypeError, match="host array"):
         kernels.segmented_sort(np.arange(4.0), backend="numba")
