@@ -426,6 +426,22 @@ def test_inverse_rows(run, n):
         assert inv.dtype == np.int32
 
 
+def test_row_batches(emulator, monkeypatch):
+    """Launches of at most MAX_ROWS_PER_LAUNCH rows (int32 row numbers in the kernels)."""
+    monkeypatch.setattr(sort_cupy, "MAX_ROWS_PER_LAUNCH", 4)
+    run = Runner("emulator", emulator=emulator)
+    rng = np.random.default_rng(5)
+    for n in (5, 3000):
+        x = make_keys(rng, (11, n), "float32", "ties")
+        values, perm = run(sort_cupy.sort_rows, x, True)
+        np.testing.assert_array_equal(perm, sort_cpu.sort_rows(x, True)[1])
+        for k in sorted({3, min(40, n), n}):
+            np.testing.assert_array_equal(run(topk_cupy.top_k_rows, x, k)[1],
+                                          topk_cpu.top_k_rows(x, k)[1])
+        p = _random_perm(rng, 11, n, n)
+        np.testing.assert_array_equal(run(perm_cupy.inverse_rows, p), perm_cpu.inverse_rows(p))
+
+
 def test_emulator_catches_forgotten_outputs(emulator):
     """The emulator's fresh arrays are not zero: an unwritten output entry fails the tests."""
     with emulator.installed():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._cuda import cupy_loader as _loader
-from ..segmented_sort._cupy import C_BITS, bits
+from ..segmented_sort._cupy import C_BITS, bits, row_batches
 
 PACKAGE = "sortgrad.kernels.permutation"
 SOURCE = "permutation.cu"
@@ -43,12 +43,13 @@ def _scatter(values_bits, perm, out_bits, n: int, iota: int) -> None:
     rows, m = perm.shape
     itemsize = out_bits.dtype.itemsize
     expression = f"<{C_BITS[itemsize]}, {iota}>"
-    if n * itemsize <= STAGE_BYTES:
+    if _staged(n, itemsize):
         rows_per_block = max(1, min(STAGE_BYTES // itemsize // n, STAGE_TARGET // n))
-        grid = -(-rows // rows_per_block)
-        _loader.launch(PACKAGE, SOURCE, "sg_scatter_staged" + expression, grid, THREADS,
-                       (values_bits, perm, out_bits, np.int32(rows), np.int32(m), np.int32(n),
-                        np.int32(rows_per_block)))
+        for r0, r1 in row_batches(rows):  # the kernel numbers rows with int32
+            grid = -(-(r1 - r0) // rows_per_block)
+            _loader.launch(PACKAGE, SOURCE, "sg_scatter_staged" + expression, grid, THREADS,
+                           (values_bits[r0:r1], perm[r0:r1], out_bits[r0:r1], np.int32(r1 - r0),
+                            np.int32(m), np.int32(n), np.int32(rows_per_block)))
     else:
         total = rows * m
         grid = max(1, min(-(-total // THREADS), MAX_GRID))

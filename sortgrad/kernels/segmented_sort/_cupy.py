@@ -40,6 +40,13 @@ THREADS = 256
 TILE_ITEMS = 2048
 LOG2_TILE_ITEMS = 11
 MIN_LOG2_TILE = 3  # at least one thread's 8 items per segment
+MAX_ROWS_PER_LAUNCH = 1 << 30  # kernels number rows (segments) with int32
+
+
+def row_batches(rows: int):
+    """(start, stop) row ranges of at most MAX_ROWS_PER_LAUNCH rows."""
+    for start in range(0, rows, MAX_ROWS_PER_LAUNCH):
+        yield start, min(rows, start + MAX_ROWS_PER_LAUNCH)
 
 
 def kind_of(dtype) -> int:
@@ -101,16 +108,18 @@ def sort_rows_into(keys, values, perm, mode: int, out_cols: int) -> None:
     """Sorts each row of `keys` (rows, n) by the key of `mode` and writes the first out_cols
     entries of each sorted row to values/perm (rows, out_cols). Current stream; n >= 1."""
     xp = _loader.xp()
-    rows, n = keys.shape
-    kb, vb = bits(keys), bits(values)
+    n = keys.shape[1]
     kind = kind_of(keys.dtype)
-    unused = perm  # offsets / segment ids are not read in row mode
-    if n <= TILE_ITEMS:
-        _sort_small(kb, vb, perm, unused, unused, 0, rows, n, out_cols, kind, mode,
-                    max(MIN_LOG2_TILE, _ceil_log2(n)))
-    else:
-        _sort_long(kb, vb, perm, unused, unused, 0, rows, n, n, out_cols, kind, mode,
-                   _scratch(xp, rows * n, kb.dtype.itemsize))
+    for r0, r1 in row_batches(keys.shape[0]):
+        rows = r1 - r0
+        kb, vb, pb = bits(keys[r0:r1]), bits(values[r0:r1]), perm[r0:r1]
+        unused = pb  # offsets / segment ids are not read in row mode
+        if n <= TILE_ITEMS:
+            _sort_small(kb, vb, pb, unused, unused, 0, rows, n, out_cols, kind, mode,
+                        max(MIN_LOG2_TILE, _ceil_log2(n)))
+        else:
+            _sort_long(kb, vb, pb, unused, unused, 0, rows, n, n, out_cols, kind, mode,
+                       _scratch(xp, rows * n, kb.dtype.itemsize))
 
 
 def sort_rows(keys, descending: bool, stream=None):
@@ -161,6 +170,8 @@ def sort_segments(keys, offsets, descending: bool, stream=None):
         for p in np.unique(passes[long_]):
             ids = np.flatnonzero(long_ & (passes == p))
             bins.append(("long", int(lens[ids].max()), ids))
+        if lens.shape[0] > np.iinfo(np.int32).max:
+            raise ValueError("more than 2**31 - 1 segments")
         all_ids = np.concatenate([b[2] for b in bins]).astype(np.int32)
         ids_dev = xp.asarray(all_ids)
         offsets_dev = xp.asarray(offsets)

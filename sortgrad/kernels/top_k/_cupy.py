@@ -87,10 +87,12 @@ def top_k_rows(x, k: int, stream=None):
         kind = _sort.kind_of(x.dtype)
         if n <= REGISTER_ROW or (n <= BLOCK_ROW and k > FILTER_MAX_K) or k > RADIX_MAX_K:
             _sort.sort_rows_into(x, values, indices, _sort.MODE_TOPK, k)
-        elif k <= FILTER_MAX_K:
-            _filter(_sort.bits(x), _sort.bits(values), indices, k, kind)
-        else:
-            _launch("radix", x.dtype.itemsize, rows,
-                    (_sort.bits(x), np.int64(n), np.int32(k), np.int32(kind), _sort.bits(values),
-                     indices))
+            return values, indices
+        for r0, r1 in _sort.row_batches(rows):
+            xb, vb, ib = _sort.bits(x[r0:r1]), _sort.bits(values[r0:r1]), indices[r0:r1]
+            if k <= FILTER_MAX_K:
+                _filter(xb, vb, ib, k, kind)
+            else:
+                _launch("radix", x.dtype.itemsize, r1 - r0,
+                        (xb, np.int64(n), np.int32(k), np.int32(kind), vb, ib))
     return values, indices
