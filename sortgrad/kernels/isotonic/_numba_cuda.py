@@ -62,13 +62,23 @@ DTYPES = ("float32", "float64")
 # multi-group merges at small n under the simulator).
 BLOCK = 256              # threads per block, a power of two (clamped to the device limit)
 CHUNK = 8                # elements per thread a group aims at (G = next pow2 of n / CHUNK)
-SHARED_BYTES = 32 * 1024  # shared-memory budget of a block's work arrays
+SHARED_BYTES = 36 * 1024  # shared-memory budget of a block's work arrays (+ scans < 48 KiB)
 
 # Bytes of work storage per row element: float64 accumulators and int32 arrays.
-_FWD_FLOATS = {"l2": 1, "kl": 4}   # L2: sum; KL: (sum a, sum b) or (max s, sum s, max w, sum w)
+# L2: sum; KL: (sum a, sum b, s - w of a singleton) or (max s, sum s, max w, sum w)
+_FWD_FLOATS = {"l2": 1, "kl": 4}
 _FWD_INTS = 2                      # count at block starts, start at block ends
-_VJP_FLOATS = {"l2": 1, "kl": 4}   # L2: block mean; KL: max s, factor s, max w, factor w
-_VJP_INTS = 1                      # start of the run of each entry
+
+
+def _vjp_entry(regularization: str, staged: bool):
+    """(float64, int32) work entries per row element of the VJP: the per-run factors (L2: block
+    mean; KL: max s, factor s, max w, factor w) and each entry's run start, plus, when staged
+    in shared memory, copies of g (and s, w for KL) and of the ids."""
+    floats, ints = (1, 1) if regularization == "l2" else (4, 1)
+    if staged:
+        floats += 1 if regularization == "l2" else 3
+        ints += 1
+    return floats, ints
 
 _KERNELS: dict = {}  # (op, dtype, regularization, shared?, block, capacity) -> kernel
 
@@ -116,7 +126,7 @@ def _lse_join(m1, z1, m2, z2):
 
 # --- launch configuration -----------------------------------------------------------------
 
-def _config(n: int, floats: int, ints: int, scan_floats: int):
+def _config(n: int, shared_entry: tuple, scan_floats: int):
     """Launch shape for rows of length n >= 1.
 
     Returns (block, log2 G, chunk C, rows per block R, shared?, capacity): G threads per row,
@@ -127,7 +137,7 @@ def _config(n: int, floats: int, ints: int, scan_floats: int):
     block = 1
     while block * 2 <= min(BLOCK, max_threads):
         block *= 2
-    bytes_per_entry = 8 * floats + 4 * ints
+    bytes_per_entry = 8 * shared_entry[0] + 4 * shared_entry[1]  # (float64s, int32s)
     scan_bytes = block * (8 * scan_floats + 4)
     capacity = max(1, min(SHARED_BYTES, max_shared - scan_bytes) // bytes_per_entry)
     target = -(-n // max(1, CHUNK))
@@ -190,12 +200,14 @@ def _forward_body(kl: bool, out_type):
         return top
 
     @cuda.jit(device=True)
-    def block_value(s, w, row, wr, fa, ia, base, a, smax, wmax, linear):
+    def block_value(fa, ia, base, a, smax, wmax, linear):
         """Value of the (final) block starting at a, as `_cpu` computes it, in float64."""
         c = ia[0, base + a]
         if kl:
             if c == 1:  # a singleton's value is s - w: no logs, no rounding
-                return float(s[row, a]) - float(w[wr, a])
+                if linear:
+                    return fa[2, base + a]
+                return fa[0, base + a] - fa[2, base + a]  # its untouched (s, 1, w, 1)
             if linear:
                 return ((math.log(fa[0, base + a]) + smax)
                         - (math.log(fa[1, base + a]) + wmax))
@@ -241,6 +253,7 @@ def _forward_body(kl: bool, out_type):
                 if linear:
                     fa[0, base + i] = math.exp(x - smax)
                     fa[1, base + i] = math.exp(y - wmax)
+                    fa[2, base + i] = x - y  # the value if i stays a singleton
                 else:
                     fa[0, base + i] = x
                     fa[1, base + i] = 1.0
@@ -288,7 +301,7 @@ def _forward_body(kl: bool, out_type):
         low = inf
         for i in range(lo, hi):
             if ia[0, base + i] > 0:
-                v = block_value(s, w, row, wr, fa, ia, base, i, smax, wmax, linear)
+                v = block_value(fa, ia, base, i, smax, wmax, linear)
                 fa[0, base + i] = v
                 count += 1
                 low = _fmin(low, v)
@@ -379,33 +392,75 @@ def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, c
 
 # --- VJP kernel -----------------------------------------------------------------------------
 
-def _vjp_body(kl: bool, out_type):
+def _vjp_body(kl: bool, staged: bool, out_type):
+    """The per-row VJP of one group as a device function (see the module docstring).
+
+    Work arrays: fa[0] (L2: block mean) or fa[0:4] (KL: max s, sum g / z_s, max w,
+    sum g / z_w), written at each run's start; ia[0, i] = start of i's run. `staged` (shared
+    memory): the row's g (and s, w for KL) and ids are first copied in coalesced, to
+    fa[4 if kl else 1:] and ia[1], and the chunk walks read them there.
+    """
+    t = 4 if kl else 1  # first staged float row
 
     @cuda.jit(device=True)
-    def is_start(bid, row, i):
-        return i == 0 or bid[row, i] != bid[row, i - 1]
+    def g_at(gr, row, fa, base, i):
+        if staged:
+            return fa[t, base + i]
+        return float(gr[row, i])
+
+    @cuda.jit(device=True)
+    def s_at(s, row, fa, base, i):
+        if staged:
+            return fa[t + 1, base + i]
+        return float(s[row, i])
+
+    @cuda.jit(device=True)
+    def w_at(w, wr, fa, base, i):
+        if staged:
+            return fa[t + 2, base + i]
+        return float(w[wr, i])
+
+    @cuda.jit(device=True)
+    def id_at(bid, row, ia, base, i):
+        if staged:
+            return ia[1, base + i]
+        return bid[row, i]
 
     @cuda.jit(device=True)
     def body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa, ia, base,
              sh_f, sh_i):
         inf = math.inf
+        if staged:  # coalesced copy-in
+            for i in range(lane, m, g):
+                fa[t, base + i] = float(gr[row, i])
+                if kl:
+                    fa[t + 1, base + i] = float(s[row, i])
+                    fa[t + 2, base + i] = float(w[wr, i])
+                ia[1, base + i] = bid[row, i]
+            cuda.syncthreads()
         lo = lane * chunk
         hi = lo + chunk
         if hi > m:
             hi = m
-        # 1. the chunk's trailing run segment: (start or -1, sum g, lse(s), lse(w))
+        # 1. the chunk's trailing run segment: (its start or -1, sum g, lse(s), lse(w))
         last = -1
         total = 0.0
         ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
+        before = 0  # the id left of the chunk (unused for lo == 0)
+        if lo > 0 and lo < m:
+            before = id_at(bid, row, ia, base, lo - 1)
+        previous = before
         for i in range(lo, hi):
-            if is_start(bid, row, i):
+            current = id_at(bid, row, ia, base, i)
+            if i == 0 or current != previous:
                 last = i
                 total = 0.0
                 ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
-            total += float(gr[row, i])
+            previous = current
+            total += g_at(gr, row, fa, base, i)
             if kl:
-                ms, zs = _lse_add(ms, zs, float(s[row, i]))
-                mw, zw = _lse_add(mw, zw, float(w[wr, i]))
+                ms, zs = _lse_add(ms, zs, s_at(s, row, fa, base, i))
+                mw, zw = _lse_add(mw, zw, w_at(w, wr, fa, base, i))
         # 2. segmented inclusive scan over the lanes: a range that holds a run start keeps
         #    its own sums, else it continues the sums of the range on its left.
         sh_i[0, tid] = last
@@ -437,8 +492,8 @@ def _vjp_body(kl: bool, out_type):
                     sh_f[1, tid], sh_f[2, tid], sh_f[3, tid], sh_f[4, tid] = ms, zs, mw, zw
             cuda.syncthreads()
             off *= 2
-        # 3. walk the chunk again from the carried partial run; the thread holding a run's
-        #    last entry writes the run's factors at the run's start.
+        # 3. walk the chunk again from the carried partial run (lane - 1's inclusive state);
+        #    the thread holding a run's last entry writes the run's factors at the run's start.
         start = -1
         total = 0.0
         ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
@@ -448,17 +503,24 @@ def _vjp_body(kl: bool, out_type):
             if kl:
                 ms, zs = sh_f[1, tid - 1], sh_f[2, tid - 1]
                 mw, zw = sh_f[3, tid - 1], sh_f[4, tid - 1]
+        previous = before
+        current = 0
+        if lo < m:
+            current = id_at(bid, row, ia, base, lo)
         for i in range(lo, hi):
-            if is_start(bid, row, i):
+            if i == 0 or current != previous:
                 start = i
                 total = 0.0
                 ms, zs, mw, zw = -inf, 0.0, -inf, 0.0
-            total += float(gr[row, i])
+            total += g_at(gr, row, fa, base, i)
             if kl:
-                ms, zs = _lse_add(ms, zs, float(s[row, i]))
-                mw, zw = _lse_add(mw, zw, float(w[wr, i]))
+                ms, zs = _lse_add(ms, zs, s_at(s, row, fa, base, i))
+                mw, zw = _lse_add(mw, zw, w_at(w, wr, fa, base, i))
             ia[0, base + i] = start
-            if i == m - 1 or bid[row, i + 1] != bid[row, i]:
+            previous = current
+            if i + 1 < m:
+                current = id_at(bid, row, ia, base, i + 1)
+            if i + 1 == m or current != previous:  # i ends its run
                 if kl:  # softmax(x_B) * sum_B(g) = exp(x - max) * (sum_B(g) / z)
                     fa[0, base + start] = ms
                     fa[1, base + start] = total / zs
@@ -472,8 +534,8 @@ def _vjp_body(kl: bool, out_type):
             a = base + ia[0, base + i]
             if kl:
                 # as _cpu.block_softmax_row: exp rounded to the output dtype, then scaled
-                es = out_type(math.exp(float(s[row, i]) - fa[0, a]))
-                ew = out_type(math.exp(float(w[wr, i]) - fa[2, a]))
+                es = out_type(math.exp(s_at(s, row, fa, base, i) - fa[0, a]))
+                ew = out_type(math.exp(w_at(w, wr, fa, base, i) - fa[2, a]))
                 grad_s[row, i] = out_type(es * fa[1, a])
                 grad_w[row, i] = -out_type(ew * fa[3, a])
             else:
@@ -490,8 +552,8 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
     if kernel is not None:
         return kernel
     kl = regularization == "kl"
-    body = _vjp_body(kl, numba.float32 if dtype == "float32" else numba.float64)
-    floats = _VJP_FLOATS[regularization]
+    body = _vjp_body(kl, shared, numba.float32 if dtype == "float32" else numba.float64)
+    floats, ints = _vjp_entry(regularization, shared)
     scan_floats = 5 if kl else 1
 
     if shared:
@@ -507,7 +569,7 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
             sh_f = cuda.shared.array((scan_floats, block), numba.float64)
             sh_i = cuda.shared.array((1, block), numba.int32)
             fa = cuda.shared.array((floats, capacity), numba.float64)
-            ia = cuda.shared.array((_VJP_INTS, capacity), numba.int32)
+            ia = cuda.shared.array((ints, capacity), numba.int32)
             body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa, ia,
                  group * n, sh_f, sh_i)
     else:
@@ -527,7 +589,6 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
 
     _KERNELS[key] = kernel
     return kernel
-
 
 
 def _scratch(shared: bool, floats: int, ints: int, rows: int, n: int, kind: str):
@@ -558,7 +619,7 @@ def isotonic_rows(s, w, regularization: str, stream=None):
     if rows and n:
         floats = _FWD_FLOATS[regularization]
         scan_floats = 4 if regularization == "kl" else 1
-        block, log_g, chunk, r, shared, capacity = _config(n, floats, _FWD_INTS, scan_floats)
+        block, log_g, chunk, r, shared, capacity = _config(n, (floats, _FWD_INTS), scan_floats)
         kernel = _forward_kernel(dtype.name, regularization, shared, block, capacity)
         fa, ia = _scratch(shared, floats, _FWD_INTS, rows, n, kind)
         grid = -(-rows // r)
@@ -581,11 +642,11 @@ def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
     grad_s = ns.empty((rows, n), dtype, kind)
     grad_w = ns.empty((rows, n), dtype, kind)
     if rows and n:
-        floats = _VJP_FLOATS[regularization]
         scan_floats = 5 if regularization == "kl" else 1
-        block, log_g, chunk, r, shared, capacity = _config(n, floats, _VJP_INTS, scan_floats)
+        block, log_g, chunk, r, shared, capacity = _config(
+            n, _vjp_entry(regularization, True), scan_floats)
         kernel = _vjp_kernel(dtype.name, regularization, shared, block, capacity)
-        fa, ia = _scratch(shared, floats, _VJP_INTS, rows, n, kind)
+        fa, ia = _scratch(shared, *_vjp_entry(regularization, shared), rows, n, kind)
         grid = -(-rows // r)
         kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
                                     chunk, int(w_dev.shape[0]) == 1, fa, ia)
