@@ -367,11 +367,30 @@ def test_top_k_split_rows(run, pattern, extra):
     """Few long rows: the filter splits each row over several blocks, then reduces."""
     rng = np.random.default_rng(_seed("split", pattern, extra))
     x = make_keys(rng, (1, 3 * topk_cupy.MIN_CHUNK + extra), "float32", pattern)
-    for k in (1, 7, 32):
+    for k in (1, 7, 32, 33, 300):
         values, indices = run(topk_cupy.top_k_rows, x, k)
         expected_values, expected_indices = topk_cpu.top_k_rows(x, k)
         assert_same_bits(values, expected_values)
         np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_top_k_short_last_chunk(emulator, monkeypatch):
+    """Many chunks per row and a last chunk shorter than k (its candidate list is padded with
+    max() items), with keys equal to that padding's: NaNs with all bits set."""
+    monkeypatch.setattr(topk_cupy, "MIN_CHUNK", 64)
+    monkeypatch.setattr(emulator, "sm_count", 64)
+    run = Runner("emulator", emulator=emulator)
+    rng = np.random.default_rng(7)
+    for n, fill in ((3203, 200), (3200, 200), (3203, 3195), (3200, 3195)):
+        # 41 chunks of 80, the last of 3 (scalar loads); vector loads. Rows mostly of the
+        # lowest key: the k-th largest is one, so padding and real entries tie.
+        x = make_keys(rng, (1, n), "float32", "special")
+        x.view(np.uint32)[0, rng.choice(n, fill, replace=False)] = 0xFFFFFFFF
+        for k in (5, 40, 64):
+            values, indices = run(topk_cupy.top_k_rows, x, k)
+            expected_values, expected_indices = topk_cpu.top_k_rows(x, k)
+            assert_same_bits(values, expected_values)
+            np.testing.assert_array_equal(indices, expected_indices)
 
 
 def test_top_k_ascending_rows(run):

@@ -10,8 +10,8 @@ Launch mapping (256-thread blocks):
 - k <= 32: `sg_topk_filter`, warp-level filtering; one block per row, or, when there are fewer
   rows than ~4 blocks per multiprocessor, `chunks` blocks per row that write k candidates each,
   reduced by a second launch of the same kernel;
-- 32 < k <= 2048: `sg_topk_radix`, one block per row: radix select, ordered collection, sort of
-  the k survivors;
+- 32 < k <= 2048: `sg_topk_radix`, radix select, ordered collection, sort of the k survivors;
+  one block per row, or chunks and a reduction as for the filter;
 - k > 2048: the segmented sort (tiles + merge passes), only the first k entries written.
 """
 
@@ -37,7 +37,7 @@ FILTER_MAX_K = 32
 RADIX_MAX_K = 2048
 REGISTER_ROW = 256  # rows sorted in registers and shuffles alone
 BLOCK_ROW = _sort.TILE_ITEMS  # rows sorted by one block
-MIN_CHUNK = 8192  # elements per block when a row is split
+MIN_CHUNK = 8192  # elements per block when a row is split (>= RADIX_MAX_K)
 
 
 def _launch(kernel: str, itemsize: int, grid: int, args) -> None:
@@ -45,7 +45,11 @@ def _launch(kernel: str, itemsize: int, grid: int, args) -> None:
                    THREADS, args)
 
 
-def _filter(xb, vb, indices, k: int, kind: int) -> None:
+def _select(kernel: str, xb, vb, indices, k: int, kind: int) -> None:
+    """`sg_topk_filter` or `sg_topk_radix` over rows of xb (rows, n). One block per row, or,
+    with fewer rows than ~4 blocks per multiprocessor, `chunks` blocks per row (at least
+    MIN_CHUNK >= k elements each, all but the last full, starts 16-byte aligned) that write k
+    sorted candidate items each, reduced by a second launch of the same kernel on them."""
     xp = _loader.xp()
     rows, n = xb.shape
     itemsize = xb.dtype.itemsize
@@ -58,19 +62,19 @@ def _filter(xb, vb, indices, k: int, kind: int) -> None:
     chunks = -(-n // chunk_len)  # every chunk non-empty
     unused = indices  # pointer parameters that are not read in this mode
     if chunks == 1:
-        _launch("filter", itemsize, rows,
+        _launch(kernel, itemsize, rows,
                 (xb, np.int64(n), unused, np.int32(0), np.int64(n), np.int32(1),
                  np.int64(chunk_len), np.int32(k), np.int32(kind), unused, np.int32(0), vb,
                  indices))
         return
     words = rows * chunks * k * (1 if itemsize <= 4 else 2)
     candidates = xp.empty(words, dtype=np.uint64)
-    _launch("filter", itemsize, rows * chunks,
+    _launch(kernel, itemsize, rows * chunks,
             (xb, np.int64(n), unused, np.int32(0), np.int64(n), np.int32(chunks),
              np.int64(chunk_len), np.int32(k), np.int32(kind), candidates, np.int32(1), vb,
              indices))
     n_in = chunks * k
-    _launch("filter", itemsize, rows,
+    _launch(kernel, itemsize, rows,
             (xb, np.int64(n), candidates, np.int32(1), np.int64(n_in), np.int32(1),
              np.int64(n_in), np.int32(k), np.int32(kind), candidates, np.int32(0), vb, indices))
 
@@ -90,9 +94,5 @@ def top_k_rows(x, k: int, stream=None):
             return values, indices
         for r0, r1 in _sort.row_batches(rows):
             xb, vb, ib = _sort.bits(x[r0:r1]), _sort.bits(values[r0:r1]), indices[r0:r1]
-            if k <= FILTER_MAX_K:
-                _filter(xb, vb, ib, k, kind)
-            else:
-                _launch("radix", x.dtype.itemsize, r1 - r0,
-                        (xb, np.int64(n), np.int32(k), np.int32(kind), vb, ib))
+            _select("filter" if k <= FILTER_MAX_K else "radix", xb, vb, ib, k, kind)
     return values, indices

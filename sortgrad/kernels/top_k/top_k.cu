@@ -11,11 +11,11 @@
 //     by one warp with the register/shuffle bitonic network. A row may be split over `chunks`
 //     blocks that write k candidates each; the same kernel then reduces the candidates
 //     (items_mode) to the answer.
-//   sg_topk_radix (32 < k <= 2048): one block per row. Radix select on 8-bit digits of the key
-//     (one shared-memory histogram per digit, most significant first) finds the k-th smallest
-//     key T and how many entries equal to T are needed; one ordered pass collects the entries
-//     < T and the first needed entries == T (block-wide ballot ranks keep index order), and
-//     the k survivors are sorted with the block bitonic network.
+//   sg_topk_radix (32 < k <= 2048): one block per row (or per chunk, as above). Radix select on
+//     8-bit digits of the key (one shared-memory histogram per digit, most significant first)
+//     finds the k-th smallest key T and how many entries equal to T are needed; one ordered
+//     pass collects the entries < T and the first needed entries == T (block-wide ballot ranks
+//     keep index order), and the k survivors are sorted with the block bitonic network.
 // Rows short enough for one block (n <= 2048) and k > 2048 use the segmented sort kernels.
 #include "sortgrad_bitonic.cuh"
 
@@ -149,10 +149,26 @@ sg_topk_filter(const B* __restrict__ x, i64 n, const typename ItemOf<B>::type* _
   }
 }
 
+// One element of the block's range: its key and column, from x or from candidate items.
+template <class B, class Item>
+__device__ __forceinline__ void element(const B* xr, const Item* cr, int items_mode, i64 j,
+                                        int kind, B& key, u32& col) {
+  if (items_mode) {
+    const Item it = cr[j];
+    key = (B)item_key(it);
+    col = item_idx(it);
+  } else {
+    key = make_key<B>(xr[j], kind, MODE_TOPK);
+    col = (u32)j;
+  }
+}
+
 template <class B>
 __global__ void SG_LAUNCH_BOUNDS(TOPK_THREADS)
-sg_topk_radix(const B* __restrict__ x, i64 n, int k, int kind, B* __restrict__ values,
-              int* __restrict__ indices) {
+sg_topk_radix(const B* __restrict__ x, i64 n, const typename ItemOf<B>::type* __restrict__ cand_in,
+              int items_mode, i64 n_in, int chunks, i64 chunk_len, int k, int kind,
+              typename ItemOf<B>::type* __restrict__ cand_out, int write_candidates,
+              B* __restrict__ values, int* __restrict__ indices) {
   typedef ItemOf<B> Ops;
   typedef typename Ops::type Item;
   __shared__ Item s[SPAD_ITEMS];
@@ -160,19 +176,29 @@ sg_topk_radix(const B* __restrict__ x, i64 n, int k, int kind, B* __restrict__ v
   __shared__ int scratch[TOPK_WARPS];
   __shared__ int chosen[2];
 
-  const i64 row = blockIdx.x;
+  // This block: [lo, hi) of row `row`, as in sg_topk_filter. Only the last chunk of a row may
+  // hold fewer than k elements (the host makes chunk_len >= k): it selects all of them and pads
+  // its candidate list with max() items, which sort after every real candidate.
+  const i64 row = blockIdx.x / (unsigned)chunks;
+  const int chunk = (int)(blockIdx.x % (unsigned)chunks);
+  const i64 lo = (i64)chunk * chunk_len;
+  const i64 hi = smin(items_mode ? n_in : n, lo + chunk_len);
   const B* xr = x + row * n;
+  const Item* cr = cand_in + row * n_in;  // read only in items_mode
   const int t = (int)threadIdx.x;
+  const int want = (int)smin<i64>(k, hi - lo);
 
-  // Radix select. Invariant: the answer is the elements with key < (prefix-matching range)
-  // plus the `remaining` smallest elements whose key matches `prefix` on the bits of `known`.
+  // Radix select. Invariant: the answer is the elements whose key is below every key matching
+  // `prefix` on the bits of `known`, plus the `remaining` smallest of those that match.
   B prefix = 0, known = 0;
-  int remaining = k;
+  int remaining = want;
   for (int shift = (int)sizeof(B) * 8 - 8; shift >= 0; shift -= 8) {
     hist[t] = 0;
     __syncthreads();
-    for (i64 j = t; j < n; j += TOPK_THREADS) {
-      const B key = make_key<B>(xr[j], kind, MODE_TOPK);
+    for (i64 j = lo + t; j < hi; j += TOPK_THREADS) {
+      B key;
+      u32 col;
+      element(xr, cr, items_mode, j, kind, key, col);
       if ((B)(key & known) == prefix) atomicAdd(&hist[(int)((key >> shift) & 0xFF)], 1);
     }
     __syncthreads();
@@ -192,15 +218,18 @@ sg_topk_radix(const B* __restrict__ x, i64 n, int k, int kind, B* __restrict__ v
     // hist is next written by its own thread, chosen only after two more barriers
   }
 
-  // Ordered collection: every key < T, then the first `remaining` keys == T by column.
+  // Ordered collection: every key < T, then the first `remaining` keys == T in range order
+  // (range order is column order: in items_mode, chunks are in column order and each chunk's
+  // candidates are sorted, so equal keys appear by increasing column).
   const B threshold = prefix;
   int taken = 0, equal_seen = 0;
-  for (i64 base = 0; base < n && taken < k; base += TOPK_THREADS) {  // uniform condition
+  for (i64 base = lo; base < hi && taken < want; base += TOPK_THREADS) {  // uniform condition
     const i64 j = base + t;
     B key = 0;
+    u32 col = 0;
     bool less = false, equal = false;
-    if (j < n) {
-      key = make_key<B>(xr[j], kind, MODE_TOPK);
+    if (j < hi) {
+      element(xr, cr, items_mode, j, kind, key, col);
       less = key < threshold;
       equal = key == threshold;
     }
@@ -208,16 +237,16 @@ sg_topk_radix(const B* __restrict__ x, i64 n, int k, int kind, B* __restrict__ v
     const int equal_rank = block_flag_rank<TOPK_WARPS>(equal, scratch, equal_total);
     const bool take = less || (equal && equal_seen + equal_rank < remaining);
     const int pos = block_flag_rank<TOPK_WARPS>(take, scratch, taken_now);
-    if (take) s[spad(taken + pos)] = Ops::make(key, (u32)j);
+    if (take) s[spad(taken + pos)] = Ops::make(key, col);
     taken += taken_now;
     equal_seen += equal_total;
   }
   for (int p = t; p < SORT_ITEMS; p += TOPK_THREADS) {
-    if (p >= k) s[spad(p)] = Ops::max();
+    if (p >= want) s[spad(p)] = Ops::max();
   }
   __syncthreads();
 
-  // Sort the k survivors (first slice of 2^ceil(log2 k) items) and write them.
+  // Sort the survivors (first slice of 2^ceil(log2 k) items) and write them.
   int log2_tile = 1;
   while ((1 << log2_tile) < k) ++log2_tile;
   Item v[IPT];
@@ -226,8 +255,13 @@ sg_topk_radix(const B* __restrict__ x, i64 n, int k, int kind, B* __restrict__ v
   store_blocked(v, s);
   __syncthreads();
   for (int p = t; p < k; p += TOPK_THREADS) {
-    const u32 idx = item_idx(s[spad(p)]);
-    values[row * k + p] = xr[idx];
-    indices[row * k + p] = (int)idx;
+    const Item it = s[spad(p)];
+    if (write_candidates) {
+      cand_out[(row * chunks + chunk) * k + p] = it;
+    } else {
+      const u32 idx = item_idx(it);
+      values[row * k + p] = xr[idx];
+      indices[row * k + p] = (int)idx;
+    }
   }
 }
