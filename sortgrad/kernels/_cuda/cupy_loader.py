@@ -44,7 +44,8 @@ CUPY_IMPLICIT_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 _CUDA_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
-_modules: dict = {}
+_modules: dict = {}  # (device, package, filename) -> RawModule
+_kernels: dict = {}  # (device, package, filename, name_expression) -> RawKernel
 
 
 def source_text(package: str, filename: str) -> str:
@@ -134,13 +135,18 @@ def _package_sources(package: str) -> dict | None:
 
 def get_kernel(package: str, filename: str, name_expression: str):
     """The `cupy.RawKernel` of one instantiation (which must be listed in the package's
-    CUDA_SOURCES for `filename`)."""
-    sources = _package_sources(package) or {}
-    expressions = tuple(sources.get(filename, ()))
-    if name_expression not in expressions:
-        raise KeyError(f"{name_expression!r} is not listed in {package}._cupy.CUDA_SOURCES"
-                       f"[{filename!r}]")
-    return get_module(package, filename, expressions).get_function(name_expression)
+    CUDA_SOURCES for `filename`). Cached per device: a launch costs one dict lookup here."""
+    key = (_device_id(), package, filename, name_expression)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        sources = _package_sources(package) or {}
+        expressions = tuple(sources.get(filename, ()))
+        if name_expression not in expressions:
+            raise KeyError(f"{name_expression!r} is not listed in {package}._cupy.CUDA_SOURCES"
+                           f"[{filename!r}]")
+        kernel = get_module(package, filename, expressions).get_function(name_expression)
+        _kernels[key] = kernel
+    return kernel
 
 
 # --- launching (the op modules go through these, so tests can run them on the host emulator) ---
