@@ -177,13 +177,17 @@ def _emulator_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def emulator():
+def emulator(tmp_path_factory):
     reason = _emulator_unavailable()
     if reason:
         pytest.skip(reason)
+    # compiled libraries are cached by content hash (set SORTGRAD_EMULATOR_CACHE to move them)
     cache = os.environ.get("SORTGRAD_EMULATOR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sortgrad-emulator")
-    os.makedirs(cache, exist_ok=True)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        cache = str(tmp_path_factory.mktemp("sortgrad-emulator"))
     return Emulator(cache)
 
 
