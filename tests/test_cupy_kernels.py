@@ -68,10 +68,11 @@ class HostXP:
 class EmulatedSource:
     """One .cu file compiled for the host emulator, all its CUDA_SOURCES instantiations."""
 
-    def __init__(self, package, filename, expressions, cache_dir):
+    def __init__(self, package, filename, expressions, cache_dir, code=None):
         self.package, self.filename = package, filename
         self.expressions = list(expressions)
-        parts = ['#include "sortgrad_emulation.cuh"', cupy_loader.source_text(package, filename)]
+        parts = ['#include "sortgrad_emulation.cuh"',
+                 code if code is not None else cupy_loader.source_text(package, filename)]
         for i, e in enumerate(self.expressions):
             parts.append(
                 f'extern "C" int sg_launch_{i}(unsigned g, unsigned b, void** a) '
@@ -463,6 +464,43 @@ def test_row_batches(emulator, monkeypatch):
                                           topk_cpu.top_k_rows(x, k)[1])
         p = _random_perm(rng, 11, n, n)
         np.testing.assert_array_equal(run(perm_cupy.inverse_rows, p), perm_cpu.inverse_rows(p))
+
+
+EMULATOR_CHECKS = r"""
+__global__ void good(int* out) {
+  __shared__ int s[64];
+  s[threadIdx.x] = (int)threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = s[63 - threadIdx.x] + __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+}
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x < 32) __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void shuffle_after_exit(int* out) {
+  if (threadIdx.x & 1) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+__global__ void mixed_barriers(int* out) {
+  if ((threadIdx.x & 31) < 16) __syncwarp(); else __syncthreads();
+  out[threadIdx.x] = 1;
+}
+"""
+
+
+def test_emulator_checks_barriers(emulator, tmp_path):
+    """The emulator runs correct code and rejects barriers that not every thread reaches."""
+    names = ["good", "divergent_barrier", "shuffle_after_exit", "mixed_barriers"]
+    source = EmulatedSource("checks", "checks.cu", names, str(tmp_path), code=EMULATOR_CHECKS)
+    source.build().load()
+    out = np.zeros(64, np.int32)
+    source.launch("good", 1, 64, (out,))
+    t = np.arange(64)
+    np.testing.assert_array_equal(out, (63 - t) + (t ^ 1))
+    for name, message in [("divergent_barrier", "__syncthreads after some threads"),
+                          ("shuffle_after_exit", "warp collective after some lanes"),
+                          ("mixed_barriers", "deadlock")]:
+        with pytest.raises(RuntimeError, match=message):
+            source.launch(name, 1, 64, (out,))
 
 
 def test_emulator_catches_forgotten_outputs(emulator):
