@@ -11,9 +11,12 @@ Contract (shared by every op's `_cupy.py` and by tests/test_cuda_compile.py):
   (the file's full instantiation list comes from the package's CUDA_SOURCES);
 - `compile_options(arch)` are exactly the options the NVRTC compile test uses (the test adds
   the architecture, `-Werror=all-warnings` and the options CuPy itself appends,
-  `CUPY_IMPLICIT_OPTIONS`).
+  `CUPY_IMPLICIT_OPTIONS`);
+- `xp()`, `stream_scope(stream, like)`, `launch(...)` and `multiprocessor_count()` are the only
+  ways the segmented-sort, top-k and permutation modules reach CuPy, so their tests can swap
+  them for the host emulator (tests/test_cupy_kernels.py).
 
-Headers: the shared `.cuh` files live next to this module (`#include "sortgrad_keys.cuh"`);
+Headers: the shared `.cuh` files live next to this module (`#include "sortgrad_common.cuh"`);
 CUB/Thrust/libcu++ come from the CCCL copy bundled with CuPy (found without importing CuPy,
 so the compile test runs on machines without a GPU). No CUDA toolkit headers are needed:
 kernels treat 16-bit floats as raw bits and include no `cuda_fp16.h`.
