@@ -37,11 +37,13 @@ DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 2e-6, np.float64: 1e-12}
 
 # Launch constants: "small" makes 33 entries span 9 threads and 4 merge levels; "global" puts
-# the work arrays of any row longer than a few entries in the global scratch buffer.
+# the work arrays of any row longer than a few entries in the global scratch buffer, with a
+# one-block grid.
 LAUNCHES = {
     "default": {},
     "small": {"BLOCK": 32, "CHUNK": 4},
-    "global": {"BLOCK": 32, "CHUNK": 2, "SHARED_BYTES": 256},
+    # global scratch, and one slot per group only: blocks stride over the rows
+    "global": {"BLOCK": 32, "CHUNK": 2, "SHARED_BYTES": 256, "SCRATCH_BYTES": 1},
 }
 LAUNCH_NAMES = ["small", "global"] if ns.SIMULATOR else list(LAUNCHES)
 SIZES = [0, 1, 31, 32, 33, 100] + ([] if ns.SIMULATOR else [1023, 1025, 4097, 70_001])
@@ -151,18 +153,30 @@ def _assert_valid(sol, blocks):
 
 # --- forward and VJP against the CPU backend ------------------------------------------------
 
-# (dtype, w shared by every row?): the simulator skips the float64 shared-w pairing
-VARIANTS = [(np.float32, False), (np.float64, False), (np.float32, True)] + (
-    [] if ns.SIMULATOR else [(np.float64, True)])
+# (dtype, w shared by every row?)
+VARIANTS = [(np.float32, False), (np.float64, False), (np.float32, True), (np.float64, True)]
+
+
+def _matches_cpu_cases():
+    """(launch, n, dtype, shared_w); the simulator runs a subset (the global-scratch path on
+    two multi-chunk sizes, float64 with a shared w once)."""
+    cases = []
+    for name in LAUNCH_NAMES:
+        for n in SIZES:
+            for dtype, shared_w in VARIANTS:
+                if ns.SIMULATOR and (dtype, shared_w) == (np.float64, True) and n != 33:
+                    continue
+                if ns.SIMULATOR and name == "global" and (n not in (33, 100) or shared_w):
+                    continue
+                if ns.SIMULATOR and n == 32 and dtype == np.float64:
+                    continue
+                ids = f"{name}-{n}-{np.dtype(dtype).name}-{'w_shared' if shared_w else 'w_rows'}"
+                cases.append(pytest.param(name, n, dtype, shared_w, id=ids))
+    return cases
 
 
 @pytest.mark.parametrize("regularization", REGS)
-@pytest.mark.parametrize("dtype, shared_w", VARIANTS,
-                         ids=[f"{np.dtype(d).name}-{'w_shared' if sw else 'w_rows'}"
-                              for d, sw in VARIANTS])
-@pytest.mark.parametrize("launch, n", [(name, n) for name in LAUNCH_NAMES for n in SIZES
-                                       if name != "global" or n not in (1, 31, 32)],
-                         indirect=["launch"])
+@pytest.mark.parametrize("launch, n, dtype, shared_w", _matches_cpu_cases(), indirect=["launch"])
 def test_matches_cpu(launch, regularization, dtype, shared_w, n):
     rng = np.random.default_rng(n + 7 * shared_w)
     rows = 1 if n > 5000 else 2 if n > 40 else 3
@@ -179,9 +193,10 @@ def test_matches_cpu(launch, regularization, dtype, shared_w, n):
             np.testing.assert_array_equal(blocks[r], ref_blocks)
 
 
-@pytest.mark.parametrize("regularization", REGS)
-@pytest.mark.parametrize("kind", ["ties", "increasing", "decreasing", "constant", "staircase",
-                                  "sorted"])
+@pytest.mark.parametrize("regularization, kind", [
+    (reg, kind) for reg in REGS
+    for kind in ["ties", "increasing", "decreasing", "constant", "staircase", "sorted"]
+    if reg == "l2" or kind not in ("decreasing", "constant")])
 def test_row_shapes(small, regularization, kind):
     """Rows that pool everything, nothing, ties, or a long stack at the last merge."""
     rng = np.random.default_rng(2)
@@ -239,8 +254,8 @@ def test_kl_equal_block_values_stay_monotone(small, regularization):
 def test_many_rows_per_block(small):
     """Rows shorter than a warp: several rows per block, idle groups in the last block."""
     rng = np.random.default_rng(12)
-    for n in (2, 5, 9):
-        s, w = _inputs(rng, (37, n), np.float32, "l2")
+    for n in (3, 9):
+        s, w = _inputs(rng, (21, n), np.float32, "l2")
         _check_against_cpu(s, w, "l2")
 
 
@@ -308,9 +323,9 @@ def test_vjp_kl_is_max_shifted(small):
 
 # --- through the public kernel API --------------------------------------------------------------
 
-@pytest.mark.parametrize("regularization", REGS)
-@pytest.mark.parametrize("backend, shared_w", [("numba", False), (None, True)],
-                         ids=["numba-w_full", "None-w_shared"])
+@pytest.mark.parametrize("regularization, backend, shared_w",
+                         [("l2", "numba", False), ("kl", None, True)],
+                         ids=["l2-numba-w_full", "kl-None-w_shared"])
 def test_public_api(small, regularization, backend, shared_w):
     rng = np.random.default_rng(14)
     s, w = _inputs(rng, (2, 3, 17), np.float32, regularization)

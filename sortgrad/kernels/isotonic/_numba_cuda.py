@@ -9,8 +9,9 @@ Launch mapping (both kernels). A row is handled by a *group* of G threads, G a p
 picked from the row length n (about `CHUNK` elements per thread, at most one block); a block
 of `BLOCK` threads holds BLOCK / G rows. Thread `lane` of the group owns the contiguous chunk
 [lane * C, lane * C + C) of its row, C = ceil(n / G). Work arrays of the rows of a block live
-in shared memory when they fit in `SHARED_BYTES`, else in a global scratch buffer (n entries
-per row). Every thread of a block takes part in every barrier; threads of an idle group
+in shared memory when they fit in `SHARED_BYTES`, else in a global scratch buffer of n entries
+per group slot, the grid capped so that it stays under `SCRATCH_BYTES` and blocks striding
+over the rows. Every thread of a block takes part in every barrier; threads of an idle group
 (the rows past the end) see a row of length 0.
 
 Forward (`isotonic_rows`):
@@ -63,6 +64,7 @@ DTYPES = ("float32", "float64")
 BLOCK = 256              # threads per block, a power of two (clamped to the device limit)
 CHUNK = 8                # elements per thread a group aims at (G = next pow2 of n / CHUNK)
 SHARED_BYTES = 36 * 1024  # shared-memory budget of a block's work arrays (+ scans < 48 KiB)
+SCRATCH_BYTES = 256 * 2**20  # global scratch cap for rows that do not fit in shared memory
 
 # Bytes of work storage per row element: float64 accumulators and int32 arrays.
 # L2: sum; KL: (sum a, sum b, s - w of a singleton) or (max s, sum s, max w, sum w)
@@ -378,13 +380,19 @@ def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, c
             g = 1 << log_g
             lane = tid & (g - 1)
             group = tid >> log_g
-            row = cuda.blockIdx.x * (block >> log_g) + group
-            m = n if row < rows else 0
-            wr = 0 if w_shared else row
+            per_block = block >> log_g
             sh_f = cuda.shared.array((scan_floats, block), numba.float64)
             sh_i = cuda.shared.array((1, block), numba.int32)
-            body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa_g, ia_g, row * n, sh_f,
-                 sh_i)
+            base = (cuda.blockIdx.x * per_block + group) * n  # this group's scratch slot
+            first = cuda.blockIdx.x * per_block
+            while first < rows:  # block-uniform: grid-stride over row groups
+                row = first + group
+                m = n if row < rows else 0
+                wr = 0 if w_shared else row
+                body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa_g, ia_g, base, sh_f,
+                     sh_i)
+                cuda.syncthreads()  # the slot and the scan arrays are reused
+                first += cuda.gridDim.x * per_block
 
     _KERNELS[key] = kernel
     return kernel
@@ -579,24 +587,41 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
             g = 1 << log_g
             lane = tid & (g - 1)
             group = tid >> log_g
-            row = cuda.blockIdx.x * (block >> log_g) + group
-            m = n if row < rows else 0
-            wr = 0 if w_shared else row
+            per_block = block >> log_g
             sh_f = cuda.shared.array((scan_floats, block), numba.float64)
             sh_i = cuda.shared.array((1, block), numba.int32)
-            body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa_g, ia_g,
-                 row * n, sh_f, sh_i)
+            base = (cuda.blockIdx.x * per_block + group) * n  # this group's scratch slot
+            first = cuda.blockIdx.x * per_block
+            while first < rows:  # block-uniform: grid-stride over row groups
+                row = first + group
+                m = n if row < rows else 0
+                wr = 0 if w_shared else row
+                body(gr, s, w, bid, grad_s, grad_w, row, wr, m, g, lane, tid, chunk, fa_g,
+                     ia_g, base, sh_f, sh_i)
+                cuda.syncthreads()  # the slot and the scan arrays are reused
+                first += cuda.gridDim.x * per_block
 
     _KERNELS[key] = kernel
     return kernel
 
 
-def _scratch(shared: bool, floats: int, ints: int, rows: int, n: int, kind: str):
-    """Global work arrays, (floats, rows n) float64 and (ints, rows n) int32, or 1-entry
-    placeholders when the work arrays live in shared memory. No initialisation needed: every
-    entry a kernel reads was written by it first."""
-    size = 1 if shared else rows * n
-    return (ns.empty((floats, size), np.float64, kind), ns.empty((ints, size), np.int32, kind))
+def _grid_and_scratch(shared: bool, entry: tuple, rows: int, n: int, r: int, kind: str):
+    """Blocks to launch and the global work arrays ((float64 rows, slots n), (int32 rows,
+    slots n); 1-entry placeholders when the work arrays live in shared memory).
+
+    Shared memory: one block per R rows. Global scratch: one slot of n entries per group of a
+    resident block, so the grid is capped by `SCRATCH_BYTES` and blocks stride over the rows.
+    No initialisation: every entry a kernel reads was written by it first.
+    """
+    blocks = -(-rows // r)
+    if shared:
+        size = 1
+    else:
+        per_block = r * n * (8 * entry[0] + 4 * entry[1])
+        blocks = max(1, min(blocks, SCRATCH_BYTES // per_block))
+        size = blocks * r * n
+    return blocks, (ns.empty((entry[0], size), np.float64, kind),
+                    ns.empty((entry[1], size), np.int32, kind))
 
 
 # --- the backend interface -----------------------------------------------------------------
@@ -621,8 +646,7 @@ def isotonic_rows(s, w, regularization: str, stream=None):
         scan_floats = 4 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(n, (floats, _FWD_INTS), scan_floats)
         kernel = _forward_kernel(dtype.name, regularization, shared, block, capacity)
-        fa, ia = _scratch(shared, floats, _FWD_INTS, rows, n, kind)
-        grid = -(-rows // r)
+        grid, (fa, ia) = _grid_and_scratch(shared, (floats, _FWD_INTS), rows, n, r, kind)
         kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
                                     int(w_dev.shape[0]) == 1, fa, ia)
     return ns.like_input(sol, kind), ns.like_input(blk, kind)
@@ -646,8 +670,8 @@ def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
         block, log_g, chunk, r, shared, capacity = _config(
             n, _vjp_entry(regularization, True), scan_floats)
         kernel = _vjp_kernel(dtype.name, regularization, shared, block, capacity)
-        fa, ia = _scratch(shared, *_vjp_entry(regularization, shared), rows, n, kind)
-        grid = -(-rows // r)
+        grid, (fa, ia) = _grid_and_scratch(shared, _vjp_entry(regularization, shared), rows, n,
+                                           r, kind)
         kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
                                     chunk, int(w_dev.shape[0]) == 1, fa, ia)
     return ns.like_input(grad_s, kind), ns.like_input(grad_w, kind)
