@@ -352,6 +352,32 @@ def test_public_api(small, regularization, backend, shared_w):
     np.testing.assert_array_equal(w_dev.copy_to_host(), w0)
 
 
+@pytest.mark.skipif(ns.SIMULATOR, reason="CuPy arrays need a GPU")
+@pytest.mark.parametrize("regularization", REGS)
+def test_cupy_arrays_on_the_numba_backend(regularization):
+    """CuPy in, CuPy out, on CuPy's current stream."""
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(15)
+    s, w = _inputs(rng, (4, 300), np.float32, regularization)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        sol, blocks = isotonic_regression(cupy.asarray(s), cupy.asarray(w[0]),
+                                          regularization=regularization, backend="numba")
+        assert isinstance(sol, cupy.ndarray) and isinstance(blocks, cupy.ndarray)
+        g = cupy.asarray(rng.normal(size=s.shape).astype(np.float32))
+        gs, gw = isotonic_regression_vjp(g, cupy.asarray(s), cupy.asarray(w[0]), blocks,
+                                         regularization=regularization, backend="numba")
+        assert isinstance(gs, cupy.ndarray) and isinstance(gw, cupy.ndarray)
+    stream.synchronize()
+    ref_sol, ref_blocks = isotonic_regression(s, w[0], regularization=regularization)
+    _close(sol.get(), ref_sol, np.float32, _scale(s, w))
+    np.testing.assert_array_equal(blocks.get(), ref_blocks)
+    ref_gs, ref_gw = isotonic_regression_vjp(g.get(), s, w[0], ref_blocks,
+                                             regularization=regularization)
+    _close(gs.get(), ref_gs, np.float32, _scale(g.get()), factor=4)
+    _close(gw.get(), ref_gw, np.float32, _scale(g.get()), factor=4)
+
+
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5)])
 def test_public_api_empty(shape):
     s = cuda.to_device(np.zeros(shape))

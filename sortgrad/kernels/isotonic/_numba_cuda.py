@@ -36,14 +36,21 @@ Forward (`isotonic_rows`):
   over all merges), plus O(1).
 
 VJP (`isotonic_vjp_rows`): blocks are maximal runs of equal `block_ids` (as on the CPU; ids
-are never used as indices, so any int32 values are memory-safe). Each thread reduces the run
-segments of its chunk (L2: sum of g; KL: sum of g and online max-shifted sums of exp(s),
-exp(w)); a segmented group scan carries the partial run that enters each chunk; the thread
-holding a run's last entry writes the run's factors at the run's start position; a coalesced
-pass writes grad_s, grad_w.
+are never used as indices, so any int32 values are memory-safe). With shared work arrays the
+row's g, ids (and s, w for KL) are first staged there with coalesced loads. Each thread
+reduces the run segments of its chunk (L2: sum of g; KL: sum of g and online max-shifted sums
+of exp(s), exp(w)); a segmented group scan carries the partial run that enters each chunk; the
+thread holding a run's last entry writes the run's factors at the run's start position; a
+coalesced pass writes grad_s, grad_w (KL: exp(x - max_B) rounded to the output dtype, then
+times sum_B(g) / z_B, as the CPU).
 
-Streams: everything is launched on `stream` (None: the current stream of the input's library)
-and nothing synchronises. Scratch buffers are allocated on that stream.
+Group scans and reductions are Hillis-Steele / tree passes over a shared array with a block
+barrier per step (a group may be narrower or wider than a warp, and the same code runs on the
+simulator, which has no shuffles).
+
+Streams: every kernel is launched on `stream` (None: the current stream of the input's
+library, see `numba_support.resolve_stream`) and nothing synchronises. Outputs and scratch
+come from `numba_support.empty` (CuPy's pool for CuPy input).
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ def _vjp_entry(regularization: str, staged: bool):
         floats += 1 if regularization == "l2" else 3
         ints += 1
     return floats, ints
+
 
 _KERNELS: dict = {}  # (op, dtype, regularization, shared?, block, capacity) -> kernel
 
