@@ -1,0 +1,213 @@
+"""Perturbed top-k (Berthet et al. 2020, "Learning with Differentiable Perturbed Optimizers").
+
+The smoothed selection P(x) = E_Z[Y(x + sigma Z)], Z ~ N(0, I), of the hard top-k selection
+matrix Y, estimated by Monte Carlo with `num_samples` Gaussian draws. The forward pass runs all
+draws through ONE batched call of `sortgrad.top_k` (one host callback per evaluation) and
+averages the one-hot selections by an integer scatter-add of counts (no (S, k, n) one-hot is
+ever built). The backward pass is the Gaussian perturbation (score-function / Stein) estimator
+on the same draws, with a sample-mean baseline; it needs no further top-k call.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._validate import check_array, check_axis, check_k, is_float
+from .hard import top_k as _sortgrad_top_k
+
+_16_BIT_FLOATS = (jnp.float16, jnp.bfloat16)
+# Which top-k computes the hard selections of the perturbed batch. "sortgrad" is the public op;
+# "lax" (jax.lax.top_k, the same results) exists for the benchmark's in-estimator comparison.
+_SELECTORS = ("sortgrad", "lax")
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+def _check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool):
+        raise TypeError("num_samples must be a static integer, got bool")
+    try:
+        num_samples = operator.index(num_samples)
+    except TypeError:
+        raise TypeError("num_samples must be a static integer, got "
+                        f"{type(num_samples).__name__}") from None
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return num_samples
+
+
+def _check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, np.ndarray, np.generic)) \
+            or np.ndim(sigma) != 0:
+        raise TypeError(f"sigma must be a static Python float, got {type(sigma).__name__}")
+    try:
+        sigma = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma must be a static real number, got {sigma!r}") from None
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
+    return sigma
+
+
+def _check_float_x(x):
+    if not is_float(x.dtype):
+        raise TypeError(f"x must be a floating-point array for perturbed_top_k, got {x.dtype} "
+                        "(cast it, e.g. x.astype(jnp.float32))")
+    return jnp.float32 if x.dtype in _16_BIT_FLOATS else x.dtype
+
+
+# --- the estimator on the last axis -------------------------------------------------------------
+
+def _selection_indices(perturbed, k: int, selector: str):
+    """int32 indices (S, *batch, k) of the k largest of every perturbed row, largest first."""
+    perturbed = jax.lax.stop_gradient(perturbed)
+    if selector == "lax":
+        return jax.lax.top_k(perturbed, k)[1].astype(jnp.int32)
+    return _sortgrad_top_k(perturbed, k)[1]
+
+
+def _average_selections(idx, k: int, n: int, dtype):
+    """P[..., i, j] = #{s : idx[s, ..., i] == j} / S, by an int32 scatter-add of counts.
+
+    Counting in integers makes P independent of the order in which the scatter visits the
+    samples: one division per entry (XLA's CPU float division, within an ulp of count / S).
+    """
+    num_samples = idx.shape[0]
+    batch = idx.shape[1:-1]
+    rows = math.prod(batch)
+    flat = idx.reshape(num_samples, rows, k)
+    b = jnp.arange(rows, dtype=jnp.int32)[None, :, None]
+    i = jnp.arange(k, dtype=jnp.int32)[None, None, :]
+    counts = jnp.zeros((rows, k, n), jnp.int32).at[b, i, flat].add(
+        1, indices_are_sorted=False, unique_indices=False, mode="promise_in_bounds")
+    p = counts.astype(dtype) / jnp.asarray(num_samples, dtype)
+    return p.reshape(batch + (k, n))
+
+
+def _forward(x, z, k, sigma, selector):
+    idx = _selection_indices(x[None] + jnp.asarray(sigma, x.dtype) * z, k, selector)
+    p = _average_selections(idx, k, x.shape[-1], x.dtype)
+    nan_rows = jnp.any(jnp.isnan(x), axis=-1)
+    p = jnp.where(nan_rows[..., None, None], jnp.asarray(jnp.nan, x.dtype), p)
+    return p, idx, nan_rows
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _perturbed_last(x, z, k, sigma, selector):
+    return _forward(x, z, k, sigma, selector)[0]
+
+
+def _perturbed_last_fwd(x, z, k, sigma, selector):
+    p, idx, nan_rows = _forward(x, z, k, sigma, selector)
+    return p, (z, idx, nan_rows)
+
+
+def _perturbed_last_bwd(k, sigma, selector, residuals, g):
+    z, idx, nan_rows = residuals
+    num_samples = z.shape[0]
+    # f_s = <G, Y(x + sigma z_s)> = sum_i G[..., i, idx[s, ..., i]]   -> (S, *batch)
+    picked = jnp.take_along_axis(g[None], idx[..., None], axis=-1)[..., 0]
+    f = picked.sum(axis=-1).astype(z.dtype)
+    if num_samples > 1:
+        # sample-covariance form: sum_s (f_s - mean f) z_s / (S - 1) is unbiased for E[f Z]
+        f = f - f.mean(axis=0)
+        denom = (num_samples - 1) * sigma
+    else:
+        denom = sigma
+    dx = jnp.einsum("s...,s...n->...n", f, z) / jnp.asarray(denom, z.dtype)
+    dx = jnp.where(nan_rows[..., None], jnp.asarray(jnp.nan, dx.dtype), dx)
+    return dx, None
+
+
+_perturbed_last.defvjp(_perturbed_last_fwd, _perturbed_last_bwd)
+
+
+# --- public op ----------------------------------------------------------------------------------
+
+@partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _perturbed_core(x, z, k, sigma, axis, selector):
+    # one compiled program per configuration for eager calls (inlined under an outer jit)
+    xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
+    return _perturbed_last(xl, z, k, sigma, selector).astype(x.dtype)
+
+
+def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
+    """Checks the arguments (at trace time), draws Z and runs the estimator with `selector`."""
+    if selector not in _SELECTORS:
+        raise ValueError(f"selector must be one of {_SELECTORS}, got {selector!r}")
+    x = check_array(x)
+    dtype = _check_float_x(x)
+    axis = check_axis(x, axis)
+    n = x.shape[axis]
+    k = check_k(k, n)
+    num_samples = _check_num_samples(num_samples)
+    sigma = _check_sigma(sigma)
+    batch = tuple(d for i, d in enumerate(x.shape) if i != axis)
+    if k == 0 or x.size == 0:
+        return jnp.zeros(batch + (k, n), x.dtype)
+    # drawn outside the compiled core: eager calls then share JAX's cached sampler program
+    z = jax.random.normal(key, (num_samples,) + batch + (n,), dtype)
+    return _perturbed_core(x, z, k, sigma, axis, selector)
+
+
+def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0.1,
+                    axis: int = -1):
+    """Soft top-k selection matrix by Gaussian perturbation (Berthet et al. 2020).
+
+    P(x) = E_Z[Y(x + sigma * Z)],  Z ~ N(0, I_n), estimated with `num_samples` draws, where
+    Y(v) is the hard top-k selection matrix of v: k x n, row i one-hot at the index of the i-th
+    largest entry of v (rows in descending order of the selected values; ties to the lower
+    index, as `jax.lax.top_k`). `P @ A` is then a smooth "top-k rows of A", differentiable in x.
+
+    Args:
+      key: a JAX PRNG key (`jax.random.key` or raw `PRNGKey`); it is the only source of
+        randomness: the same key gives the same draws, in the forward and in the gradient.
+        Batch keys with `vmap` for independent draws per problem.
+      x: floating array with at least one dimension (float16/bfloat16 are computed in float32);
+        `axis` is the selection axis of length n, every other dim is a batch dim. Integer or
+        bool x raises TypeError.
+      k: static int, 0 <= k <= n (else ValueError; non-integers TypeError). k = 0 gives an
+        empty (..., 0, n) array.
+      num_samples: static int >= 1, the number S of Gaussian draws.
+      sigma: static float, finite and > 0: the perturbation scale.
+      axis: the selection axis (static).
+
+    Returns:
+      P of shape x.shape without `axis`, followed by (k, n) (i.e. `moveaxis(x, axis, -1)`'s
+      batch dims + (k, n)), x's dtype. Every entry is count / S (one float division, within an
+      ulp), count being the number of draws in which row i selected index j; so entries lie in
+      [0, 1], every row sums to 1 (up to rounding), every column to <= 1 (a doubly
+      substochastic matrix), and P tends to the hard one-hot selection of `jax.lax.top_k(x, k)` as
+      sigma -> 0 (when x has no ties).
+
+    Draws: Z has shape (S,) + batch + (n,), from `jax.random.normal(key, ...)` in the compute
+    dtype; all S perturbed problems go through one batched `sortgrad.top_k` call (one host
+    callback per evaluation, also under `vmap`). Memory O(S * n) per problem for Z (kept as a
+    residual of the gradient) plus O(S * k) int32 indices; compute O(S * n) plus the top-k.
+
+    Gradient (the perturbation estimator): for a cotangent G of P, the returned dx is the
+    Monte-Carlo estimate, on the SAME draws z_1..z_S as the forward, of the gradient of the
+    smoothed objective F_sigma(x) = E_Z[<G, Y(x + sigma Z)>], namely
+    grad F_sigma(x) = E_Z[<G, Y(x + sigma Z)> Z] / sigma. With f_s = <G, Y(x + sigma z_s)>, the
+    estimator uses the sample mean as a baseline (variance reduction):
+        dx = sum_s (f_s - mean_s f) z_s / ((S - 1) * sigma)      (S > 1),
+        dx = f_1 z_1 / sigma                                        (S = 1),
+    which is unbiased for grad F_sigma(x) (the (S - 1) is the sample-covariance correction:
+    E[Z] = 0, so E[f Z] = Cov(f, Z)). It is NOT the derivative of the piecewise-constant
+    finite-sample forward (that is zero almost everywhere); it is the derivative of the smoothed
+    objective that the forward estimates. `key` gets no gradient. The backward calls no top-k
+    (the selected indices are residuals). Works under jit, vmap (over x and/or key), grad.
+
+    Special values: if a row of x (along `axis`) contains a NaN, that row's whole (k, n) block
+    of P is NaN, and so is its gradient (other rows are unaffected). +-inf entries are fine:
+    they stay +-inf after perturbation and compare as in `jax.lax.top_k` (equal infinities
+    resolved to the lower index), with finite gradient.
+    """
+    return _perturbed_top_k(key, x, k, num_samples, sigma, axis, "sortgrad")
