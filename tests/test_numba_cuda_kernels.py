@@ -146,6 +146,37 @@ def test_warp_and_block_collectives():
     np.testing.assert_array_equal(wbcast, np.repeat(warps[:, 3], 32))
 
 
+@cuda.jit
+def _shared_identity_kernel(out):
+    first = cuda.shared.array(64, numba.int32)
+    second = cuda.shared.array(64, numba.int32)
+    t = cuda.threadIdx.x
+    first[t] = t
+    second[t] = -t
+    cuda.syncthreads()
+    out[cuda.blockIdx.x, t, 0] = first[(t + 1) % 64]
+    out[cuda.blockIdx.x, t, 1] = second[(t + 1) % 64]
+
+
+@pytest.mark.skipif(not SIM, reason="checks the simulator's shared-array allocation")
+def test_simulator_shared_arrays_are_one_per_block_and_call_site(monkeypatch):
+    """A slow allocation invites a thread switch inside lookup-or-create: every thread of the
+    block must still see the same array per call site (the unpatched simulator gave threads
+    private copies there, and kernels read stale data)."""
+    import time
+
+    def slow_empty(shape, dtype):
+        time.sleep(1e-3)
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(ns, "_new_simulator_shared_array", slow_empty)
+    out = np.zeros((3, 64, 2), np.int32)
+    _shared_identity_kernel[3, 64](out)
+    nxt = (np.arange(64) + 1) % 64
+    np.testing.assert_array_equal(out[..., 0], np.broadcast_to(nxt, (3, 64)))
+    np.testing.assert_array_equal(out[..., 1], np.broadcast_to(-nxt, (3, 64)))
+
+
 def test_device_adaption_and_streams():
     d = cuda.to_device(np.arange(6, dtype=np.float32).reshape(2, 3))
     arr, kind = ns.as_device(d)
