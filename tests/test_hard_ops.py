@@ -163,6 +163,19 @@ def test_values_match_jax(dtype, n):
     check_all(x, ks_for(n))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16], ids=dtype_id)
+def test_inputs_past_the_serial_size_match_jax(mode, dtype):
+    """Inputs of at least PARALLEL_MIN_ELEMENTS take the threaded kernels (and, in buffer
+    mode, write into XLA's buffers from them): same results as small inputs' serial path."""
+    from sortgrad.kernels._numba import PARALLEL_MIN_ELEMENTS
+    rng = np.random.default_rng(11)
+    rows = -(-PARALLEL_MIN_ELEMENTS // 1000) + 1
+    x = jnp.asarray(make_keys(rng, (rows, 1000), dtype, "ties"))
+    check_all(x, (1, 500))
+    check_all(jnp.asarray(make_keys(rng, (PARALLEL_MIN_ELEMENTS + 7,), dtype, "special")),
+              (3,), jit=False)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.int8], ids=dtype_id)
 def test_values_match_jax_both_modes_eager_and_jit(mode, dtype):
     rng = np.random.default_rng(3)

@@ -15,6 +15,7 @@ into rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import jax
@@ -52,6 +53,25 @@ def callback_mode(mode: str):
         set_callback_mode(previous)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _staged(impl, x, mode: str, static: tuple):
+    with callback_mode(mode):
+        return impl(x, *static)
+
+
+def staged_call(impl, x, *static):
+    """impl(x, *static), compiled once per (impl, static arguments, callback mode, x's type).
+
+    Every public op runs its body through this after validating its arguments, so that an
+    eager call reuses a compiled program instead of tracing and compiling the callbacks again
+    (a host callback is a new function object per trace, which defeats JAX's op-by-op cache).
+    Inside an outer `jit`/`grad`/`vmap` this is a nested jit: traced with the caller, no cost
+    at run time. `impl` must be a module-level function; `static` hashable (ints, floats,
+    strings, bools, tuples of them).
+    """
+    return _staged(impl, x, _mode, tuple(static))
+
+
 def batched_rows(row_fn):
     """Lifts row_fn(*2-D arrays) -> tuple of 2-D arrays to arrays with any leading dims.
 
@@ -68,14 +88,27 @@ def batched_rows(row_fn):
     return lifted
 
 
-def host_call(host_fn, result_specs, *args):
-    """host_fn(*numpy arrays) -> tuple of numpy arrays, as a JAX op with `result_specs`."""
+def _writable_rows(a: np.ndarray) -> bool:
+    return a.flags.c_contiguous and a.flags.writeable
+
+
+def host_call(host_fn, result_specs, *args, into=None):
+    """host_fn(*numpy arrays) -> tuple of numpy arrays, as a JAX op with `result_specs`.
+
+    into: optional into(outs, *numpy arrays) that writes the results straight into the output
+    arrays `outs` (C-contiguous, of `result_specs`) instead of returning them: buffer mode uses
+    it on XLA's own output buffers (no allocation, no copy); the other paths use host_fn.
+    """
     result_specs = tuple(result_specs)
     if _mode == "buffer" and jax.default_backend() == "cpu":
         def buffer_kernel(ctx, outs, *buffers):
-            results = host_fn(*[np.asarray(b) for b in buffers])
-            for out, result in zip(outs, results):
-                np.copyto(np.asarray(out), result, casting="no")
+            arrays = [np.asarray(b) for b in buffers]
+            targets = [np.asarray(o) for o in outs]
+            if into is not None and all(_writable_rows(t) for t in targets):
+                into(targets, *arrays)
+                return
+            for target, result in zip(targets, host_fn(*arrays)):
+                np.copyto(target, result, casting="no")
         return buffer_callback(buffer_kernel, result_specs, vmap_method="expand_dims")(*args)
 
     def pure_kernel(*arrays):

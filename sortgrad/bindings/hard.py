@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import kernels
-from ._callback import batched_rows, host_call
+from ..kernels._common import as_rows
+from ..kernels._keys import key_spec
+from ..kernels.segmented_sort import _cpu as _sort_cpu
+from ._callback import batched_rows, host_call, staged_call
 from ._validate import check_array, check_axis, check_k, check_key_dtype, is_float
 
 
@@ -27,6 +30,25 @@ def _sort_rows(descending: bool):
             return values[:, ::-1], perm[:, ::-1]
         return kernels.segmented_sort(x)
     return batched_rows(run)
+
+
+def _sort_into(descending: bool, with_perm: bool = True):
+    """Writes values (and perm) of every row straight into the output buffers (buffer mode)."""
+    def run(outs, x):
+        n = x.shape[-1]
+        rows = as_rows(x)
+        values = outs[0].reshape(-1, n)
+        perm = outs[1].reshape(-1, n) if with_perm else np.empty(rows.shape, np.int32)
+        _sort_cpu.sort_rows_into(rows, values, perm, reverse=descending)
+    return run
+
+
+def _argsort_into(descending: bool):
+    def run(outs, x):
+        n = x.shape[-1]
+        spec = key_spec(x.dtype, canonical=True, descending=descending)
+        _sort_cpu.argsort_rows_by_key(as_rows(x), spec, out=outs[0].reshape(-1, n))
+    return run
 
 
 def _argsort_rows(descending: bool):
@@ -50,12 +72,21 @@ def _scatter(g, perm, n: int):
 
 def _sort_call(x, descending):
     return host_call(_sort_rows(descending),
-                     [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x)
+                     [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x,
+                     into=_sort_into(descending))
+
+
+def _sort_values_call(x, descending):
+    """The sorted values only (no perm output: the primal without a gradient)."""
+    rows_fn = _sort_rows(descending)
+    (values,) = host_call(lambda x_: rows_fn(x_)[:1], [_spec(x.shape, x.dtype)], x,
+                          into=_sort_into(descending, with_perm=False))
+    return values
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _sort_last(x, descending):
-    return _sort_call(x, descending)[0]
+    return _sort_values_call(x, descending)
 
 
 def _sort_last_fwd(x, descending):
@@ -118,13 +149,17 @@ def sort(x, *, axis: int = -1, descending: bool = False):
     Works under jit, grad, vmap, jacrev.
     """
     x, axis = _prepare(x, axis)
+    return staged_call(_sort_impl, x, axis, bool(descending))
+
+
+def _sort_impl(x, axis, descending):
     if x.size == 0:
         return x
     xl = jnp.moveaxis(x, axis, -1)
     if is_float(x.dtype):
-        out = _sort_last(xl, bool(descending))
+        out = _sort_last(xl, descending)
     else:
-        out = _sort_call(jax.lax.stop_gradient(xl), bool(descending))[0]
+        out = _sort_values_call(jax.lax.stop_gradient(xl), descending)
     return jnp.moveaxis(out, -1, axis)
 
 
@@ -136,10 +171,15 @@ def argsort(x, *, axis: int = -1, descending: bool = False):
     Integer output: no gradient.
     """
     x, axis = _prepare(x, axis)
+    return staged_call(_argsort_impl, x, axis, bool(descending))
+
+
+def _argsort_impl(x, axis, descending):
     if x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
     xl = jax.lax.stop_gradient(jnp.moveaxis(x, axis, -1))
-    (perm,) = host_call(_argsort_rows(bool(descending)), [_spec(xl.shape, np.int32)], xl)
+    (perm,) = host_call(_argsort_rows(descending), [_spec(xl.shape, np.int32)], xl,
+                        into=_argsort_into(descending))
     return jnp.moveaxis(perm, -1, axis)
 
 
@@ -153,6 +193,10 @@ def top_k(x, k: int, *, axis: int = -1):
     """
     x, axis = _prepare(x, axis)
     k = check_k(k, x.shape[axis])
+    return staged_call(_top_k_impl, x, k, axis)
+
+
+def _top_k_impl(x, k, axis):
     xl = jnp.moveaxis(x, axis, -1)
     if k == 0 or x.size == 0:
         shape = xl.shape[:-1] + (k,)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._callback import callback_mode, get_callback_mode
 from ._validate import check_array, check_axis, check_k, is_float
 from .hard import top_k as _sortgrad_top_k
 
@@ -131,11 +132,13 @@ _perturbed_last.defvjp(_perturbed_last_fwd, _perturbed_last_bwd)
 
 # --- public op ----------------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _perturbed_core(x, z, k, sigma, axis, selector):
-    # one compiled program per configuration for eager calls (inlined under an outer jit)
-    xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
-    return _perturbed_last(xl, z, k, sigma, selector).astype(x.dtype)
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _perturbed_core(x, z, k, sigma, axis, selector, mode):
+    # one compiled program per configuration (callback mode included) for eager calls;
+    # inlined under an outer jit
+    with callback_mode(mode):
+        xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
+        return _perturbed_last(xl, z, k, sigma, selector).astype(x.dtype)
 
 
 def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
@@ -154,7 +157,7 @@ def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
         return jnp.zeros(batch + (k, n), x.dtype)
     # drawn outside the compiled core: eager calls then share JAX's cached sampler program
     z = jax.random.normal(key, (num_samples,) + batch + (n,), dtype)
-    return _perturbed_core(x, z, k, sigma, axis, selector)
+    return _perturbed_core(x, z, k, sigma, axis, selector, get_callback_mode())
 
 
 def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0.1,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..kernels import soft as soft_kernels
-from ._callback import batched_rows, host_call
+from ._callback import batched_rows, host_call, staged_call
 from ._validate import (check_array, check_axis, check_k, check_quantiles, check_regularization,
                         check_strength, soft_compute_dtype)
 
@@ -115,11 +115,15 @@ _soft_mask_last.defvjp(_soft_mask_last_fwd, _soft_mask_last_bwd)
 def _apply_on_axis(core, x, axis, *static):
     """Runs core(x_last, *static) with `axis` moved last and 16-bit floats in float32."""
     x = check_array(x)
-    dtype = soft_compute_dtype(x)
+    soft_compute_dtype(x)
     axis = check_axis(x, axis)
+    return staged_call(_on_axis_impl, x, core, axis, *static)
+
+
+def _on_axis_impl(x, core, axis, *static):
     if x.size == 0:
         return x
-    out = core(jnp.moveaxis(x, axis, -1).astype(dtype), *static)
+    out = core(jnp.moveaxis(x, axis, -1).astype(soft_compute_dtype(x)), *static)
     return jnp.moveaxis(out, -1, axis).astype(x.dtype)
 
 

@@ -45,7 +45,11 @@ def _bits_dtype(dtype):
 
 def gather_rows(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """out[r, i] = values[r, perm[r, i]] (the values' exact bits)."""
-    out = np.empty(perm.shape, dtype=values.dtype)
+    return gather_rows_into(values, perm, np.empty(perm.shape, dtype=values.dtype))
+
+
+def gather_rows_into(values: np.ndarray, perm: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """gather_rows writing into `out` (C-contiguous, perm's shape, values' dtype); returns it."""
     if out.size:
         bits = _bits_dtype(values.dtype)
         if bits is None:

@@ -15,7 +15,7 @@ from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
 
 from .._common import map_row_chunks
 from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits
-from ..permutation._cpu import gather_rows
+from ..permutation._cpu import gather_rows, gather_rows_into
 
 
 @row_parallel
@@ -73,6 +73,21 @@ def _argsort_small_rows(bits, spec, perm):
             perm[r, :] = np.argsort(composite, kind="mergesort")
 
 
+@numba.njit(cache=True, nogil=True)
+def _sort_small_rows_into(bits, spec, reverse, out_bits, perm):
+    """perm and values (as bits) of every row in one serial call; rows reversed if `reverse`."""
+    _argsort_small_rows(bits, spec, perm)
+    rows, n = bits.shape
+    for r in range(rows):
+        if reverse:
+            for j in range(n // 2):
+                t = perm[r, j]
+                perm[r, j] = perm[r, n - 1 - j]
+                perm[r, n - 1 - j] = t
+        for j in range(n):
+            out_bits[r, j] = bits[r, perm[r, j]]
+
+
 def _sort_each_row(a: np.ndarray) -> None:
     """In-place sort of each row, both cores working (NumPy's sort releases the GIL)."""
     def chunk(start, stop):
@@ -80,11 +95,13 @@ def _sort_each_row(a: np.ndarray) -> None:
     map_row_chunks(chunk, a.shape[0], row_len=a.shape[1])
 
 
-def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec) -> np.ndarray:
+def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec, out: np.ndarray | None = None
+                        ) -> np.ndarray:
     """int32 permutation that sorts each row of a 2-D array by its keys (ascending unsigned
-    order of key_of(bits, spec)), ties in column order."""
+    order of key_of(bits, spec)), ties in column order; written into `out` (C-contiguous
+    int32 of rows' shape) when given."""
     num_rows, n = rows.shape
-    perm = np.empty((num_rows, n), dtype=np.int32)
+    perm = np.empty((num_rows, n), dtype=np.int32) if out is None else out
     if rows.size == 0:
         return perm
     if rows.size < PARALLEL_MIN_ELEMENTS:
@@ -112,6 +129,24 @@ def sort_rows(rows: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarra
     perm = argsort_rows_by_key(rows, key_spec(rows.dtype, canonical=True,
                                               descending=descending))
     return gather_rows(rows, perm), perm
+
+
+def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarray, *,
+                   descending: bool = False, reverse: bool = False) -> None:
+    """`sort_rows` writing into caller-owned arrays (no allocation on the small-input path).
+
+    rows: C-contiguous 2-D; values_out (rows' dtype) and perm_out (int32): C-contiguous, rows'
+    shape, not overlapping rows. reverse: each output row reversed (the ascending stable sort
+    read backwards is `jnp.sort(..., descending=True)`: ties in reverse column order).
+    """
+    spec = key_spec(rows.dtype, canonical=True, descending=descending)
+    if 0 < rows.size < PARALLEL_MIN_ELEMENTS:
+        _sort_small_rows_into(raw_bits(rows), spec, reverse, raw_bits(values_out), perm_out)
+        return
+    argsort_rows_by_key(rows, spec, out=perm_out)
+    if reverse:
+        perm_out[...] = perm_out[:, ::-1]   # NumPy buffers overlapping assignments
+    gather_rows_into(rows, perm_out, values_out)
 
 
 def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool

@@ -1,0 +1,71 @@
+"""Eager (un-jitted) calls reuse compiled programs: no re-tracing of the host callbacks per call,
+and the callback mode still decides the path taken."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sortgrad
+from sortgrad.bindings import _callback, hard, soft
+
+OPS = {
+    "sort": lambda x: sortgrad.sort(x, descending=True),
+    "argsort": lambda x: sortgrad.argsort(x),
+    "top_k": lambda x: sortgrad.top_k(x, 3),
+    "soft_rank": lambda x: sortgrad.soft_rank(x, regularization="kl"),
+    "soft_sort": lambda x: sortgrad.soft_sort(x, regularization_strength=0.5),
+    "soft_top_k_mask": lambda x: sortgrad.soft_top_k_mask(x, 2),
+    "soft_quantile": lambda x: sortgrad.soft_quantile(x, 0.25),
+}
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Counts the host callbacks staged (one per traced op), per mode."""
+    counts = {"buffer": 0, "pure": 0}
+    original = _callback.host_call
+
+    def counting(*args, **kwargs):
+        counts[_callback.get_callback_mode()] += 1
+        return original(*args, **kwargs)
+
+    for module in (hard, soft):
+        monkeypatch.setattr(module, "host_call", counting)
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_second_eager_call_is_not_traced_again(name, traces):
+    op = OPS[name]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7)), jnp.float32)
+    with sortgrad.callback_mode("buffer"):
+        first = op(x)
+        assert traces["buffer"] >= 1
+        traces["buffer"] = 0
+        second = op(x + 1.0)          # same shape and dtype: the cached program
+        assert traces["buffer"] == 0
+    want = jax.jit(op)(x + 1.0)
+    for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+
+
+@pytest.mark.parametrize("name", ["sort", "soft_rank"])
+def test_eager_call_follows_the_callback_mode(name, traces):
+    op = OPS[name]
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5)), jnp.float64)
+    with sortgrad.callback_mode("buffer"):
+        a = op(x)
+    with sortgrad.callback_mode("pure"):
+        b = op(x)                     # a different mode is a different program
+    assert traces["pure"] >= 1
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eager_gradient_matches_jitted():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6)))
+    w = jnp.arange(24.0).reshape(4, 6)
+    for op in (sortgrad.sort, sortgrad.soft_rank, sortgrad.soft_sort):
+        f = lambda v, op=op: jnp.sum(op(v) * w)  # noqa: E731
+        np.testing.assert_array_equal(jax.grad(f)(x), jax.jit(jax.grad(f))(x))
