@@ -207,3 +207,23 @@ def test_top_k_non_contiguous_input(layout):
     base = make_keys(rng, (40, 66), np.float32, "special")
     x = base.T if layout == "transposed" else base[:, ::2]
     check_top_k(x, (1, 3, 20), "oracle")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+@pytest.mark.parametrize("order", ["shuffled", "ascending", "descending"])
+def test_top_k_long_rows_with_sparse_special_values(dtype, order):
+    """Long float rows take the float screen (blocks skipped by comparing values with the
+    k-th best): NaNs of both signs, +-0.0, +-inf and ties to the k-th value, sprinkled into
+    mostly ordinary data, must still be ranked by totalOrder."""
+    rng = np.random.default_rng([7, np.dtype(dtype).itemsize, len(order)])
+    n = 50_000
+    x = rng.standard_normal((2, n)).astype(dtype)
+    if order == "ascending":
+        x.sort(axis=-1)
+    elif order == "descending":
+        x = -np.sort(x, axis=-1)
+    specials = make_keys(rng, (2, 40), dtype, "special", payloads=True)
+    where = rng.choice(n, size=40, replace=False)
+    x[:, where] = specials
+    x[1, rng.choice(n, size=30, replace=False)] = np.sort(x[1])[-20]  # ties near the top
+    check_top_k(x, [1, 5, 16, 48], "lax")

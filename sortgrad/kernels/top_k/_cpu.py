@@ -29,10 +29,18 @@ def _better(key_a, col_a, key_b, col_b):
 
 
 @row_parallel
-def _top_k_chunks(bits, spec, k, chunks, best_keys, best_cols):
+def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols):
     """Best k of each of `chunks` equal column ranges of every row, best first: a bounded
     insertion buffer. Columns arrive in increasing order, so a newcomer equal to the k-th best
-    loses the tie and only a strictly larger key enters. Unfilled slots keep column -1."""
+    loses the tie and only a strictly larger key enters. Unfilled slots keep column -1.
+
+    Blocks of _BLOCK columns are screened before their keys are computed: once the buffer is
+    full, a block none of whose keys can exceed the k-th best is skipped. With `screen_vals`
+    (float32/float64; `vals` is the row data as floats) the screen compares the floats with the
+    k-th best's value, t: an entry can only rank above t in totalOrder if not (v < t) (NaN and
+    equal values pass the screen and are decided by their keys), a vectorised loop. Otherwise
+    the block's keys are computed and their maximum compared.
+    """
     rows, n = bits.shape
     sp = spec_tuple(spec)
     for task in numba.prange(rows * chunks):
@@ -47,6 +55,13 @@ def _top_k_chunks(bits, spec, k, chunks, best_keys, best_cols):
         block = np.empty(_BLOCK, dtype=np.uint64)
         for start in range(lo, hi, _BLOCK):
             stop = min(start + _BLOCK, hi)
+            if screen_vals and filled == k:
+                t = vals[r, cols_out[k - 1]]
+                hit = False
+                for j in range(start, stop):
+                    hit |= not (vals[r, j] < t)
+                if not hit:
+                    continue
             # Keys of a block first (a vectorisable loop); most blocks hold nothing above the
             # current k-th best and are skipped after one comparison with their maximum.
             block_max = np.uint64(0)
@@ -112,8 +127,12 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         chunks = _chunks_per_row(num_rows, n, k)
         best_keys = np.empty((num_rows, chunks, k), dtype=np.uint64)
         best_cols = np.empty((num_rows, chunks, k), dtype=np.int32)
-        _top_k_chunks(raw_bits(rows), key_spec(rows.dtype, canonical=False), k, chunks,
-                      best_keys, best_cols)
+        # About k ln(n / k) entries ever enter the buffer, so a block passes the float screen
+        # with probability ~ k ln(n / k) _BLOCK / n on unordered data; the screen is a second
+        # pass over the blocks that pass, so it pays off on long rows only.
+        screen = rows.dtype in (np.float32, np.float64) and n >= 32 * k * _BLOCK
+        _top_k_chunks(raw_bits(rows), rows if screen else raw_bits(rows), screen,
+                      key_spec(rows.dtype, canonical=False), k, chunks, best_keys, best_cols)
         if chunks == 1:
             indices = best_cols[:, 0, :]
         else:
