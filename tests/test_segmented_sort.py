@@ -171,6 +171,22 @@ def test_many_rows_match_jnp(dtype, descending):
         assert_same_bits(values, np.asarray(jnp.sort(x_copy, axis=-1)))
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES + [np.bool_], ids=dtype_id)
+def test_rows_at_the_radix_sort_length(dtype):
+    """Rows of RADIX_MIN_N and more take the LSD radix sort: full-range random keys (every
+    digit pass moves data), heavy ties (passes skipped), both directions."""
+    from sortgrad.kernels.segmented_sort._cpu import RADIX_MIN_N
+    rng = np.random.default_rng([13, np.dtype(dtype).itemsize])
+    for n in (RADIX_MIN_N - 1, RADIX_MIN_N, 3 * RADIX_MIN_N + 5):
+        for pattern in ("random", "ties"):
+            if dtype == np.bool_:
+                x = rng.random((2, n)) < (0.5 if pattern == "random" else 0.01)
+            else:
+                x = make_keys(rng, (2, n), dtype, pattern)
+            for descending in (False, True):
+                check_rows(x, descending)
+
+
 def test_descending_is_stable_not_reversed():
     """Descending keeps ties in original index order (not the reversed ascending sort)."""
     x = np.array([1.0, 2.0, -0.0, 1.0, 0.0, 2.0, math.nan, -math.nan], np.float32)

@@ -26,7 +26,7 @@ from .isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_
                            pav_kl_row, pav_l2_row, pav_ratio_blocks)
 from ._common import map_row_chunks
 from ._keys import key_spec
-from .segmented_sort._cpu import argsort_rows_by_key
+from .segmented_sort._cpu import RADIX_MIN_N, argsort_rows_by_key
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -42,8 +42,9 @@ def _sorted_row(x_row, perm_row, scale, out):
 
 def _argsort(x, descending: bool):
     """A permutation sorting each row; the order of ties is irrelevant here (see above), so
-    64-bit rows take NumPy's vectorised (unstable) argsort without the stability pass."""
-    if x.dtype.itemsize <= 4:
+    short 64-bit rows take NumPy's vectorised (unstable) argsort without the stability pass;
+    long rows take the radix sort of `argsort_rows_by_key`."""
+    if x.dtype.itemsize <= 4 or x.shape[-1] >= RADIX_MIN_N:
         return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending))
     perm = np.empty(x.shape, dtype=np.int32)
 

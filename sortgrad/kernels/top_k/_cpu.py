@@ -19,7 +19,7 @@ from ..permutation._cpu import gather_rows
 from ..segmented_sort._cpu import argsort_rows_by_key
 
 SMALL_K = 64
-_BLOCK = 32  # elements whose keys are computed and screened together
+_BLOCK = 32  # elements screened together
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -34,12 +34,12 @@ def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols
     insertion buffer. Columns arrive in increasing order, so a newcomer equal to the k-th best
     loses the tie and only a strictly larger key enters. Unfilled slots keep column -1.
 
-    Blocks of _BLOCK columns are screened before their keys are computed: once the buffer is
-    full, a block none of whose keys can exceed the k-th best is skipped. With `screen_vals`
-    (float32/float64; `vals` is the row data as floats) the screen compares the floats with the
-    k-th best's value, t: an entry can only rank above t in totalOrder if not (v < t) (NaN and
-    equal values pass the screen and are decided by their keys), a vectorised loop. Otherwise
-    the block's keys are computed and their maximum compared.
+    Once the buffer is full, blocks of _BLOCK columns are screened first and skipped when none
+    of their entries can beat the k-th best. With `screen_vals` (float32/float64; `vals` is the
+    row data as floats) the screen compares values with t, the k-th best's value: an entry can
+    only rank above t in totalOrder if not (v < t) (NaN and values equal to t pass, and their
+    keys decide), so the screen is a vectorised float comparison and only the entries that pass
+    it get keys. Otherwise the block's keys are computed and their maximum compared.
     """
     rows, n = bits.shape
     sp = spec_tuple(spec)
@@ -52,27 +52,25 @@ def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols
         cols_out = best_cols[r, c]
         cols_out[:] = -1
         filled = 0
-        block = np.empty(_BLOCK, dtype=np.uint64)
         for start in range(lo, hi, _BLOCK):
             stop = min(start + _BLOCK, hi)
-            if screen_vals and filled == k:
-                t = vals[r, cols_out[k - 1]]
-                hit = False
-                for j in range(start, stop):
-                    hit |= not (vals[r, j] < t)
+            if filled == k:
+                if screen_vals:
+                    t = vals[r, cols_out[k - 1]]
+                    hit = False
+                    for j in range(start, stop):
+                        hit |= not (vals[r, j] < t)
+                else:
+                    block_max = np.uint64(0)
+                    for j in range(start, stop):
+                        block_max = max(block_max, key_of(bits[r, j], sp))
+                    hit = block_max > keys_out[k - 1]
                 if not hit:
                     continue
-            # Keys of a block first (a vectorisable loop); most blocks hold nothing above the
-            # current k-th best and are skipped after one comparison with their maximum.
-            block_max = np.uint64(0)
             for j in range(start, stop):
+                if screen_vals and filled == k and vals[r, j] < vals[r, cols_out[k - 1]]:
+                    continue
                 key = key_of(bits[r, j], sp)
-                block[j - start] = key
-                block_max = max(block_max, key)
-            if filled == k and block_max <= keys_out[k - 1]:
-                continue
-            for j in range(start, stop):
-                key = block[j - start]
                 if filled == k:
                     if key <= keys_out[k - 1]:
                         continue
@@ -127,10 +125,7 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         chunks = _chunks_per_row(num_rows, n, k)
         best_keys = np.empty((num_rows, chunks, k), dtype=np.uint64)
         best_cols = np.empty((num_rows, chunks, k), dtype=np.int32)
-        # About k ln(n / k) entries ever enter the buffer, so a block passes the float screen
-        # with probability ~ k ln(n / k) _BLOCK / n on unordered data; the screen is a second
-        # pass over the blocks that pass, so it pays off on long rows only.
-        screen = rows.dtype in (np.float32, np.float64) and n >= 32 * k * _BLOCK
+        screen = rows.dtype in (np.float32, np.float64)
         _top_k_chunks(raw_bits(rows), rows if screen else raw_bits(rows), screen,
                       key_spec(rows.dtype, canonical=False), k, chunks, best_keys, best_cols)
         if chunks == 1:

@@ -1,0 +1,38 @@
+"""A non-editable build ships every CUDA source the CuPy loader compiles at run time."""
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _setuptools_is_recent() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 64
+
+
+@pytest.mark.slow
+def test_wheel_contains_the_cuda_sources(tmp_path):
+    sources = sorted(p.relative_to(ROOT).as_posix()
+                     for pattern in ("*.cu", "*.cuh")
+                     for p in (ROOT / "sortgrad").rglob(pattern))
+    assert sources, "no CUDA sources found"
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path),
+           str(ROOT)]
+    if _setuptools_is_recent():
+        cmd.insert(4, "--no-build-isolation")  # the installed setuptools: no download
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (wheel,) = tmp_path.glob("sortgrad-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [s for s in sources if s not in names]
+    assert not missing, f"not in the wheel: {missing}"
+    assert "sortgrad/kernels/_cuda/cupy_loader.py" in names
