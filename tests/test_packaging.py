@@ -1,6 +1,7 @@
 """A non-editable build ships every CUDA source the CuPy loader compiles at run time."""
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,8 +25,16 @@ def test_wheel_contains_the_cuda_sources(tmp_path):
                      for pattern in ("*.cu", "*.cuh")
                      for p in (ROOT / "sortgrad").rglob(pattern))
     assert sources, "no CUDA sources found"
+    # a clean copy: no egg-info of an editable install, whose file list would hide a missing
+    # package-data rule
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "sortgrad", src / "sortgrad",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path),
-           str(ROOT)]
+           str(src)]
     if _setuptools_is_recent():
         cmd.insert(4, "--no-build-isolation")  # the installed setuptools: no download
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
