@@ -227,3 +227,20 @@ def test_top_k_long_rows_with_sparse_special_values(dtype, order):
     x[:, where] = specials
     x[1, rng.choice(n, size=30, replace=False)] = np.sort(x[1])[-20]  # ties near the top
     check_top_k(x, [1, 5, 16, 48], "lax")
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, jnp.bfloat16],
+                         ids=dtype_id)
+def test_top_k_rows_split_over_threads(monkeypatch, rows, dtype):
+    """Few long rows are split into column chunks (one task each) whose candidates are merged:
+    ties across chunk borders must still go to the lower index."""
+    from sortgrad.kernels.top_k import _cpu as top_k_cpu
+    monkeypatch.setattr(top_k_cpu, "SPLIT_MIN_N", 64)
+    monkeypatch.setattr(top_k_cpu, "num_threads", lambda: 4)
+    n = 20_000
+    assert top_k_cpu._chunks_per_row(rows, n, 16) > 1
+    rng = np.random.default_rng([rows, np.dtype(dtype).itemsize])
+    for pattern in ("random", "ties", "special"):
+        x = make_keys(rng, (rows, n), dtype, pattern)
+        check_top_k(x, [1, 7, 16, 64], "lax")

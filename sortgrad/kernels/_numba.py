@@ -1,8 +1,11 @@
 """Row-parallel Numba kernels that stay cheap to call on tiny inputs.
 
-A `parallel=True` kernel pays for waking its thread pool on every call (tens of microseconds),
-which dominates small inputs. `row_parallel` compiles a kernel twice -- threaded and serial --
-and picks by the size of its first argument. Both are cached on disk; the serial one under its
+A `parallel=True` kernel pays for waking its thread pool on every call (tens of microseconds;
+~100 us with OMP_WAIT_POLICY=PASSIVE, where the pool sleeps between calls), which dominates
+small inputs. `row_parallel` compiles a kernel twice -- threaded and serial -- and picks by its
+first argument: serial below PARALLEL_MIN_ELEMENTS elements, and for a 2-D first argument of a
+single row (the kernels' prange runs over the rows of their first argument: one row is one
+task). A kernel that splits its work otherwise calls `.parallel` itself. Both are cached on disk; the serial one under its
 own name, so the two never share a cache entry.
 
 Numba's disk cache keys a kernel on its own source file only: after editing a helper that is
@@ -30,7 +33,8 @@ def row_parallel(fn):
 
     @functools.wraps(fn)
     def call(*args):
-        if args[0].size >= PARALLEL_MIN_ELEMENTS:
+        first = args[0]
+        if first.size >= PARALLEL_MIN_ELEMENTS and not (first.ndim == 2 and first.shape[0] == 1):
             return parallel(*args)
         return serial(*args)
 

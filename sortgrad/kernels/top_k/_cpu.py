@@ -108,10 +108,15 @@ def _merge_chunks(best_keys, best_cols, k, indices):
                 indices[r, p] = col
 
 
+# Rows at least this long are split over threads when there are fewer rows than threads: below
+# it, one thread finishes before a sleeping pool would wake up (the screen skips most blocks).
+SPLIT_MIN_N = 1 << 18
+
+
 def _chunks_per_row(num_rows: int, n: int, k: int) -> int:
     """Split rows only when there are fewer rows than threads and each piece stays long."""
     threads = num_threads()
-    if num_rows >= threads or n < PARALLEL_MIN_ELEMENTS:
+    if num_rows >= threads or n < SPLIT_MIN_N:
         return 1
     return max(1, min(-(-threads // num_rows), n // max(8 * k, 4096)))
 
@@ -126,8 +131,10 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         best_keys = np.empty((num_rows, chunks, k), dtype=np.uint64)
         best_cols = np.empty((num_rows, chunks, k), dtype=np.int32)
         screen = rows.dtype in (np.float32, np.float64)
-        _top_k_chunks(raw_bits(rows), rows if screen else raw_bits(rows), screen,
-                      key_spec(rows.dtype, canonical=False), k, chunks, best_keys, best_cols)
+        # chunks > 1: the prange runs over rows x chunks, so one row is several tasks
+        kernel = _top_k_chunks.parallel if chunks > 1 else _top_k_chunks
+        kernel(raw_bits(rows), rows if screen else raw_bits(rows), screen,
+               key_spec(rows.dtype, canonical=False), k, chunks, best_keys, best_cols)
         if chunks == 1:
             indices = best_cols[:, 0, :]
         else:
