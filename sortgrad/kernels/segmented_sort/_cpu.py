@@ -196,7 +196,7 @@ def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarra
     read backwards is `jnp.sort(..., descending=True)`: ties in reverse column order).
     """
     spec = key_spec(rows.dtype, canonical=True, descending=descending)
-    if 0 < rows.size < PARALLEL_MIN_ELEMENTS:
+    if 0 < rows.size < PARALLEL_MIN_ELEMENTS and rows.shape[1] < RADIX_MIN_N:
         _sort_small_rows_into(raw_bits(rows), spec, reverse, raw_bits(values_out), perm_out)
         return
     argsort_rows_by_key(rows, spec, out=perm_out)
