@@ -29,14 +29,31 @@ if (os.environ.get("SORTGRAD_TEST_CUDASIM", "1") != "0"
         from numba.core import config as _numba_config
         _numba_config.reload_config()
 
-import jax
-from hypothesis import settings
+import pytest
 
-# float64 references and gradients need x64; the library itself works in either mode.
-jax.config.update("jax_enable_x64", True)
+try:
+    import jax
+    import numba  # noqa: F401
+    from hypothesis import settings
+except ImportError as error:  # a Python without the project's test dependencies
+    _MISSING = error
+else:
+    _MISSING = None
 
-# CI runs the same property examples every time (a red run is reproducible); explore with
-# `pytest --hypothesis-profile=explore`.
-settings.register_profile("sortgrad", derandomize=True, database=None)
-settings.register_profile("explore", max_examples=500)
-settings.load_profile("sortgrad")
+
+def pytest_configure(config):
+    if _MISSING is not None:
+        raise pytest.UsageError(
+            f"the tests need sortgrad's test dependencies ({_MISSING}); install them with the "
+            'README\'s test command: python -m pip install -e ".[test]" && python -m pytest -q')
+
+
+if _MISSING is None:
+    # float64 references and gradients need x64; the library itself works in either mode.
+    jax.config.update("jax_enable_x64", True)
+
+    # CI runs the same property examples every time (a red run is reproducible); explore with
+    # `pytest --hypothesis-profile=explore`.
+    settings.register_profile("sortgrad", derandomize=True, database=None)
+    settings.register_profile("explore", max_examples=500)
+    settings.load_profile("sortgrad")
