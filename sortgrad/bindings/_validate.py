@@ -44,12 +44,18 @@ def check_key_dtype(x, name: str = "x") -> None:
         raise TypeError(f"{name} must have a floating, integer or bool dtype, got {x.dtype}")
 
 
-def soft_compute_dtype(x, name: str = "x"):
-    """Soft ops take floating input; 16-bit floats are computed in float32."""
+def float_compute_dtype(x, name: str = "x", op: str = "soft ops"):
+    """Ops that differentiate their input take floating input; 16-bit floats are computed in
+    float32."""
     if not is_float(x.dtype):
-        raise TypeError(f"{name} must be a floating-point array for soft ops, got {x.dtype} "
+        raise TypeError(f"{name} must be a floating-point array for {op}, got {x.dtype} "
                         "(cast it, e.g. x.astype(jnp.float32))")
     return jnp.float32 if x.dtype in _16_BIT_FLOATS else x.dtype
+
+
+def soft_compute_dtype(x, name: str = "x"):
+    """Soft ops take floating input; 16-bit floats are computed in float32."""
+    return float_compute_dtype(x, name, "soft ops")
 
 
 def check_regularization(regularization) -> str:
@@ -58,15 +64,19 @@ def check_regularization(regularization) -> str:
     return regularization
 
 
+def check_positive_float(value, name: str) -> float:
+    """A static real scalar, finite and > 0, as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, np.generic)) \
+            or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a static Python float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
 def check_strength(strength) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (numbers.Real, np.ndarray)) \
-            or np.ndim(strength) != 0:
-        raise TypeError("regularization_strength must be a static Python float, got "
-                        f"{type(strength).__name__}")
-    strength = float(strength)
-    if not math.isfinite(strength) or strength <= 0:
-        raise ValueError(f"regularization_strength must be finite and > 0, got {strength}")
-    return strength
+    return check_positive_float(strength, "regularization_strength")
 
 
 def check_k(k, n: int) -> int:

@@ -11,19 +11,17 @@ on the same draws, with a sample-mean baseline; it needs no further top-k call.
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._callback import callback_mode, get_callback_mode
-from ._validate import check_array, check_axis, check_k, is_float
+from ._validate import (check_array, check_axis, check_k, check_positive_float,
+                        float_compute_dtype)
 from .hard import top_k as _sortgrad_top_k
 
-_16_BIT_FLOATS = (jnp.float16, jnp.bfloat16)
 # Which top-k computes the hard selections of the perturbed batch. "sortgrad" is the public op;
 # "lax" (jax.lax.top_k, the same results) exists for the benchmark's in-estimator comparison.
 _SELECTORS = ("sortgrad", "lax")
@@ -42,26 +40,6 @@ def _check_num_samples(num_samples) -> int:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return num_samples
-
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, np.ndarray, np.generic)) \
-            or np.ndim(sigma) != 0:
-        raise TypeError(f"sigma must be a static Python float, got {type(sigma).__name__}")
-    try:
-        sigma = float(sigma)
-    except (TypeError, ValueError):
-        raise TypeError(f"sigma must be a static real number, got {sigma!r}") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
-    return sigma
-
-
-def _check_float_x(x):
-    if not is_float(x.dtype):
-        raise TypeError(f"x must be a floating-point array for perturbed_top_k, got {x.dtype} "
-                        "(cast it, e.g. x.astype(jnp.float32))")
-    return jnp.float32 if x.dtype in _16_BIT_FLOATS else x.dtype
 
 
 # --- the estimator on the last axis -------------------------------------------------------------
@@ -146,12 +124,12 @@ def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
     if selector not in _SELECTORS:
         raise ValueError(f"selector must be one of {_SELECTORS}, got {selector!r}")
     x = check_array(x)
-    dtype = _check_float_x(x)
+    dtype = float_compute_dtype(x, op="perturbed_top_k")
     axis = check_axis(x, axis)
     n = x.shape[axis]
     k = check_k(k, n)
     num_samples = _check_num_samples(num_samples)
-    sigma = _check_sigma(sigma)
+    sigma = check_positive_float(sigma, "sigma")
     batch = tuple(d for i, d in enumerate(x.shape) if i != axis)
     if k == 0 or x.size == 0:
         return jnp.zeros(batch + (k, n), x.dtype)

@@ -5,8 +5,8 @@ A `parallel=True` kernel pays for waking its thread pool on every call (tens of 
 small inputs. `row_parallel` compiles a kernel twice -- threaded and serial -- and picks by its
 first argument: serial below PARALLEL_MIN_ELEMENTS elements, and for a 2-D first argument of a
 single row (the kernels' prange runs over the rows of their first argument: one row is one
-task). A kernel that splits its work otherwise calls `.parallel` itself. Both are cached on disk; the serial one under its
-own name, so the two never share a cache entry.
+task). A kernel that splits its work otherwise calls `.parallel` itself. Both are cached on
+disk; the serial one under its own name, so the two never share a cache entry.
 
 Numba's disk cache keys a kernel on its own source file only: after editing a helper that is
 inlined into kernels of other files (`_keys.key_of`, `isotonic._cpu.*_row`), delete the

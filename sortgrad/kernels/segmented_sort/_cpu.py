@@ -15,7 +15,7 @@ from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
 
 from .._common import map_row_chunks
 from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits, spec_tuple
-from ..permutation._cpu import gather_rows, gather_rows_into
+from ..permutation._cpu import gather_rows_into
 
 
 @row_parallel
@@ -182,9 +182,10 @@ def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec, out: np.ndarray | None 
 
 def sort_rows(rows: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
     """Stable sort of each row of a 2-D array; returns (values, int32 column permutation)."""
-    perm = argsort_rows_by_key(rows, key_spec(rows.dtype, canonical=True,
-                                              descending=descending))
-    return gather_rows(rows, perm), perm
+    values = np.empty(rows.shape, dtype=rows.dtype)
+    perm = np.empty(rows.shape, dtype=np.int32)
+    sort_rows_into(np.ascontiguousarray(rows), values, perm, descending=descending)
+    return values, perm
 
 
 def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarray, *,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
+from .._numba import row_parallel
 
 from .._common import num_threads
 from .._keys import key_of, key_spec, raw_bits, spec_tuple
@@ -52,11 +52,11 @@ def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols
         cols_out = best_cols[r, c]
         cols_out[:] = -1
         filled = 0
+        t = vals[r, lo]  # the k-th best's value once the buffer is full (screen_vals only)
         for start in range(lo, hi, _BLOCK):
             stop = min(start + _BLOCK, hi)
             if filled == k:
                 if screen_vals:
-                    t = vals[r, cols_out[k - 1]]
                     hit = False
                     for j in range(start, stop):
                         hit |= not (vals[r, j] < t)
@@ -68,7 +68,7 @@ def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols
                 if not hit:
                     continue
             for j in range(start, stop):
-                if screen_vals and filled == k and vals[r, j] < vals[r, cols_out[k - 1]]:
+                if screen_vals and filled == k and vals[r, j] < t:
                     continue
                 key = key_of(bits[r, j], sp)
                 if filled == k:
@@ -84,6 +84,8 @@ def _top_k_chunks(bits, vals, screen_vals, spec, k, chunks, best_keys, best_cols
                     p -= 1
                 keys_out[p] = key
                 cols_out[p] = j
+                if screen_vals and filled == k:
+                    t = vals[r, cols_out[k - 1]]
 
 
 @numba.njit(cache=True, nogil=True)
