@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if args.smoke else 100)
 
     import sortgrad
-    from sortgrad.bindings import perturbed as perturbed_mod
+    from sortgrad.bindings.jax import perturbed as perturbed_mod
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(n), args.dtype)

@@ -5,9 +5,9 @@ after Blondel et al. 2020 (`soft_sort`, `soft_rank`, `soft_top_k_mask`, `soft_qu
 Array-level kernels (NumPy, and CuPy where installed) live in `sortgrad.kernels`.
 """
 
-from .bindings import (argsort, callback_mode, get_callback_mode, perturbed_top_k,
-                       set_callback_mode, soft_quantile, soft_rank, soft_sort, soft_top_k_mask,
-                       sort, top_k)
+from .bindings.jax import (argsort, callback_mode, get_callback_mode, perturbed_top_k,
+                           set_callback_mode, soft_quantile, soft_rank, soft_sort,
+                           soft_top_k_mask, sort, top_k)
 
 __version__ = "0.1.0"
 

@@ -27,8 +27,9 @@ import operator
 
 import jax.numpy as jnp
 
-from .bindings import soft_top_k_mask
-from .bindings._validate import check_array, check_axis, check_k
+from ._validate import check_k
+from .bindings.jax import soft_top_k_mask
+from .bindings.jax._args import array_and_axis
 
 
 def standardize(scores, *, axis: int = -1, eps: float = 1e-12):
@@ -37,8 +38,7 @@ def standardize(scores, *, axis: int = -1, eps: float = 1e-12):
     Differentiable (the mean and standard deviation are part of the graph). A constant row
     becomes all zeros, whose soft mask is k/n everywhere.
     """
-    scores = check_array(scores, "scores")
-    axis = check_axis(scores, axis)
+    scores, axis = array_and_axis(scores, axis, "scores")
     centred = scores - jnp.mean(scores, axis=axis, keepdims=True)
     return centred / (jnp.std(scores, axis=axis, keepdims=True) + eps)
 
@@ -70,8 +70,7 @@ def soft_selection_mask(scores, k: int, *, largest: bool = True,
     `standardize_scores` (default) applies `standardize` first, so the strength is in units of
     the scores' standard deviation. A NaN score makes its row NaN.
     """
-    scores = check_array(scores, "scores")
-    axis = check_axis(scores, axis)
+    scores, axis = array_and_axis(scores, axis, "scores")
     k = check_k(k, scores.shape[axis])
     if standardize_scores:
         scores = standardize(scores, axis=axis)
@@ -89,8 +88,8 @@ def soft_selected_mean(values, scores, k: int, *, largest: bool = True,
     `axis`. Differentiable in both; equals mean(values[top_k(scores)]) as the strength -> 0.
     k must be >= 1.
     """
-    scores = check_array(scores, "scores")
-    if check_k(k, scores.shape[check_axis(scores, axis)]) == 0:
+    scores, axis_ = array_and_axis(scores, axis, "scores")
+    if check_k(k, scores.shape[axis_]) == 0:
         raise ValueError("k must be >= 1 for a mean over the selection, got k = 0")
     mask = soft_selection_mask(scores, k, largest=largest,
                                regularization_strength=regularization_strength,

@@ -11,7 +11,7 @@ import pytest
 from numba import cuda
 
 from sortgrad import kernels
-from sortgrad.kernels import _device
+from sortgrad.kernels import _backends
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(),
                                 reason="needs Numba CUDA or its simulator")
@@ -34,38 +34,38 @@ class Recorder:
     def _record(self, name, *args, **kwargs):
         self.calls.append((name, args, kwargs))
 
-    def sort_rows(self, keys, descending, stream=None):
+    def sort_rows(self, keys, descending, *, out=None, stream=None):
         self._record("sort_rows", keys.shape, descending, stream=stream)
         values, perm = kernels.segmented_sort(keys.copy_to_host(), descending=descending)
         return cuda.to_device(values), cuda.to_device(perm)
 
-    def sort_segments(self, keys, offsets, descending, stream=None):
+    def sort_segments(self, keys, offsets, descending, *, out=None, stream=None):
         self._record("sort_segments", keys.shape, offsets, descending, stream=stream)
         values, perm = kernels.segmented_sort(keys.copy_to_host(), offsets,
                                               descending=descending)
         return cuda.to_device(values), cuda.to_device(perm)
 
-    def top_k_rows(self, x, k, stream=None):
+    def top_k_rows(self, x, k, *, out=None, stream=None):
         self._record("top_k_rows", x.shape, k, stream=stream)
         values, idx = kernels.top_k(x.copy_to_host(), k)
         return cuda.to_device(values), cuda.to_device(idx)
 
-    def inverse_rows(self, perm, stream=None):
+    def inverse_rows(self, perm, *, out=None, stream=None):
         self._record("inverse_rows", perm.shape, stream=stream)
         return cuda.to_device(kernels.inverse_permutation(perm.copy_to_host()))
 
-    def scatter_rows(self, values, perm, n, stream=None):
+    def scatter_rows(self, values, perm, n, *, out=None, stream=None):
         self._record("scatter_rows", values.shape, perm.shape, n, stream=stream)
         out = kernels.permutation_scatter(values.copy_to_host(), perm.copy_to_host(), n)
         return cuda.to_device(out)
 
-    def isotonic_rows(self, s, w, regularization, stream=None):
+    def isotonic_rows(self, s, w, regularization, *, out=None, stream=None):
         self._record("isotonic_rows", s.shape, w.shape, regularization, stream=stream)
         sol, blocks = kernels.isotonic_regression(s.copy_to_host(), _host_w(w),
                                                   regularization=regularization)
         return cuda.to_device(sol), cuda.to_device(blocks)
 
-    def isotonic_vjp_rows(self, g, s, w, blocks, regularization, stream=None):
+    def isotonic_vjp_rows(self, g, s, w, blocks, regularization, *, out=None, stream=None):
         self._record("isotonic_vjp_rows", g.shape, s.shape, w.shape, blocks.shape,
                      regularization, stream=stream)
         gs, gw = kernels.isotonic_regression_vjp(g.copy_to_host(), s.copy_to_host(),
@@ -77,7 +77,9 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     rec = Recorder()
-    monkeypatch.setattr(_device, "backend_module", lambda op, backend: rec)
+    original = _backends.backend_module
+    monkeypatch.setattr(_backends, "backend_module",
+                        lambda op, backend: original(op, backend) if backend == "cpu" else rec)
     return rec
 
 
@@ -184,4 +186,4 @@ def test_isotonic_shared_w_is_one_row(recorder):
 
 def test_backend_module_names_a_missing_kernel():
     with pytest.raises(NotImplementedError, match="no nothing kernel"):
-        _device.backend_module("nothing", "numba")
+        _backends.backend_module("nothing", "numba")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sortgrad
-from sortgrad.bindings import _callback, hard, soft
+from sortgrad.bindings.jax import _call, hard, soft
 
 OPS = {
     "sort": lambda x: sortgrad.sort(x, descending=True),
@@ -24,14 +24,14 @@ OPS = {
 def traces(monkeypatch):
     """Counts the host callbacks staged (one per traced op), per mode."""
     counts = {"buffer": 0, "pure": 0}
-    original = _callback.host_call
+    original = _call.kernel_call
 
     def counting(*args, **kwargs):
-        counts[_callback.get_callback_mode()] += 1
+        counts[_call.get_callback_mode()] += 1
         return original(*args, **kwargs)
 
     for module in (hard, soft):
-        monkeypatch.setattr(module, "host_call", counting)
+        monkeypatch.setattr(module, "kernel_call", counting)
     return counts
 
 

@@ -167,7 +167,7 @@ def test_values_match_jax(dtype, n):
 def test_inputs_past_the_serial_size_match_jax(mode, dtype):
     """Inputs of at least PARALLEL_MIN_ELEMENTS take the threaded kernels (and, in buffer
     mode, write into XLA's buffers from them): same results as small inputs' serial path."""
-    from sortgrad.kernels._numba import PARALLEL_MIN_ELEMENTS
+    from sortgrad.kernels._rows import PARALLEL_MIN_ELEMENTS
     rng = np.random.default_rng(11)
     rows = -(-PARALLEL_MIN_ELEMENTS // 1000) + 1
     x = jnp.asarray(make_keys(rng, (rows, 1000), dtype, "ties"))

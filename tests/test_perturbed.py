@@ -329,7 +329,8 @@ def test_one_top_k_callback_per_evaluation(monkeypatch, mode):
             calls.clear()
             jax.block_until_ready(fn(xs))
             assert len(calls) == 1, (fn, calls)
-            assert calls[0] == (100 * 3, 10)  # every sample of every problem, as rows
+            # every sample of every problem in one call (leading dims are batch dims)
+            assert (int(np.prod(calls[0][:-1])), calls[0][-1]) == (100 * 3, 10)
 
 
 # --- special values and dtypes ------------------------------------------------------------------

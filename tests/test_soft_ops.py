@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from jax.test_util import check_grads
 
 import sortgrad
-import sortgrad.kernels.soft as soft_kernels
+import sortgrad.kernels.soft._cpu as soft_kernels
 from sortgrad.testing import (apply_rows, finite_difference_jacobian, reference_hard_ranks,
                               reference_hard_top_k_mask, reference_soft_quantile,
                               reference_soft_quantile_jacobian, reference_soft_rank,

@@ -20,7 +20,7 @@ import functools
 import numba
 import numpy as np
 
-from ._numba import row_parallel
+from ._rows import row_parallel
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,

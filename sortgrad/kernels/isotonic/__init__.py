@@ -4,40 +4,43 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._common import as_rows, check_index_array, check_row_length, resolve_backend
-from . import _cpu
-from .. import _device
-
-REGULARIZATIONS = ("l2", "kl")
-
-
-def check_regularization(regularization) -> str:
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(f"regularization must be 'l2' or 'kl', got {regularization!r}")
-    return regularization
+from ..._validate import (check_index_dtype, check_regularization, check_rows, check_same_shape,
+                          float_compute_dtype)
+from .._backends import (as_backend_array, call_rows, check_data_dtype,
+                         output_rows, resolve_backend, rows_of, shape_of, shaped)
 
 
-def _compute_dtype(*arrays) -> np.dtype:
-    for a in arrays:
-        if not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
-            raise TypeError(f"isotonic regression takes floating-point arrays, got {a.dtype}")
-    return np.result_type(np.float32, *[a.dtype for a in arrays if a.dtype.kind == "f"])
+def _float_rows(arrays: dict, backend: str):
+    """The named float arrays as rows of one compute dtype: on the CPU the widest of float32
+    and their dtypes (16-bit input is computed in float32); device arrays must already share a
+    dtype the module takes. Returns (dtype, {name: rows})."""
+    for name, a in arrays.items():
+        float_compute_dtype(a.dtype, name, "isotonic regression")
+    if backend == "cpu":
+        dtype = np.result_type(np.float32, *[float_compute_dtype(a.dtype) for a in arrays.values()])
+    else:
+        first = next(iter(arrays))
+        dtype = np.dtype(arrays[first].dtype)
+        for name, a in arrays.items():
+            check_data_dtype(a, name, backend, "isotonic")
+            if np.dtype(a.dtype) != dtype:
+                raise TypeError(f"{name} must have the dtype of {first} ({dtype}) on "
+                                f"backend={backend!r}, got {a.dtype}")
+    return dtype, {name: rows_of(a, backend, dtype) for name, a in arrays.items()}
 
 
-def _rows(a: np.ndarray, dtype, n: int) -> np.ndarray:
-    return as_rows(a, dtype)
+def _w_rows(w, s_shape, w_rows):
+    """w is per row (s's shape) or one row shared by all (shape (n,)): (rows or 1, n)."""
+    if shape_of(w) == tuple(s_shape):
+        return w_rows
+    if shape_of(w) == tuple(s_shape[-1:]):
+        return w_rows.reshape(1, s_shape[-1])
+    raise ValueError(f"w must have the shape of s {tuple(s_shape)} or of one row "
+                     f"{tuple(s_shape[-1:])}, got {shape_of(w)}")
 
 
-def _check_w(s: np.ndarray, w: np.ndarray) -> None:
-    if s.ndim == 0:
-        raise ValueError("s must have at least one dimension")
-    if w.shape != s.shape and w.shape != s.shape[-1:]:
-        raise ValueError(f"w must have the shape of s {s.shape} or of one row "
-                         f"{s.shape[-1:]}, got {w.shape}")
-
-
-def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None = None,
-                        stream=None):
+def isotonic_regression(s, w, *, regularization: str = "l2", out=None,
+                        backend: str | None = None, stream=None):
     """Decreasing isotonic regression of each row (last axis), by pool adjacent violators.
 
     Solves, per row, for v with v_1 >= v_2 >= ... >= v_n:
@@ -48,6 +51,8 @@ def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None
       s: float array (..., n). float16/bfloat16 are computed in float32.
       w: float array of s's shape, or of shape (n,) shared by every row.
       regularization: "l2" or "kl".
+      out: optional (solution, block_ids) arrays to write (s's shape; the solution's dtype
+        below and int32), returned as given.
 
     Returns:
       (solution, block_ids): solution in s's float dtype (float32 for 16-bit input), block_ids
@@ -61,19 +66,19 @@ def isotonic_regression(s, w, *, regularization: str = "l2", backend: str | None
     """
     check_regularization(regularization)
     backend = resolve_backend([s, w], backend)
-    if backend != "cpu":
-        return _device.isotonic_regression(s, w, regularization, backend, stream)
-    s, w = np.asarray(s), np.asarray(w)
-    _check_w(s, w)
-    dtype = _compute_dtype(s, w)
-    n = s.shape[-1]
-    check_row_length(n, "s")
-    sol, blocks = _cpu.isotonic_rows(_rows(s, dtype, n), _rows(w, dtype, n), regularization)
-    return sol.reshape(s.shape), blocks.reshape(s.shape)
+    s, w = as_backend_array(s, "s", backend), as_backend_array(w, "w", backend)
+    shape = shape_of(s)
+    check_rows(shape, "s")
+    dtype, rows = _float_rows({"s": s, "w": w}, backend)
+    w_rows = _w_rows(w, shape, rows["w"])
+    outs = output_rows(out, [("solution", shape, dtype), ("block_ids", shape, np.int32)], backend)
+    results = call_rows("isotonic", "isotonic_rows", backend, stream, rows["s"], w_rows,
+                        regularization, out=outs)
+    return shaped(results, [shape, shape], out)
 
 
 def isotonic_regression_vjp(cotangent, s, w, block_ids, *, regularization: str = "l2",
-                            backend: str | None = None, stream=None):
+                            out=None, backend: str | None = None, stream=None):
     """VJP of `isotonic_regression` at (s, w) with the block ids it returned.
 
     Within each block B: "l2": grad_s = mean_B(g), grad_w = -mean_B(g); "kl":
@@ -83,25 +88,26 @@ def isotonic_regression_vjp(cotangent, s, w, block_ids, *, regularization: str =
       cotangent: float array (..., n), the cotangent of the solution.
       s, w: the forward inputs (w may be one shared row); only read for "kl".
       block_ids: int32 block ids from the forward pass, shape of cotangent.
+      out: optional (grad_s, grad_w) arrays to write, returned as given.
     Returns: (grad_s, grad_w), both of the cotangent's shape and float dtype (float32 for
       16-bit input); grad_w is per row even when w was shared.
     """
     check_regularization(regularization)
     backend = resolve_backend([cotangent, s, w, block_ids], backend)
-    if backend != "cpu":
-        return _device.isotonic_regression_vjp(cotangent, s, w, block_ids, regularization,
-                                               backend, stream)
-    g, s, w = np.asarray(cotangent), np.asarray(s), np.asarray(w)
-    blocks = check_index_array(block_ids, "block_ids")
-    _check_w(s, w)
-    if g.shape != s.shape or blocks.shape != s.shape:
-        raise ValueError(f"cotangent {g.shape}, s {s.shape} and block_ids {blocks.shape} must "
-                         "have the same shape")
-    dtype = _compute_dtype(g, s, w)
-    n = s.shape[-1]
-    check_row_length(n, "s")
-    grad_s, grad_w = _cpu.isotonic_vjp_rows(_rows(g, dtype, n), _rows(s, dtype, n),
-                                            _rows(w, dtype, n),
-                                            as_rows(blocks, np.int32),
-                                            regularization)
-    return grad_s.reshape(s.shape), grad_w.reshape(s.shape)
+    g = as_backend_array(cotangent, "cotangent", backend)
+    s, w = as_backend_array(s, "s", backend), as_backend_array(w, "w", backend)
+    blocks = as_backend_array(block_ids, "block_ids", backend)
+    shape = shape_of(s)
+    check_rows(shape, "s")
+    check_index_dtype(blocks.dtype, "block_ids")
+    if backend != "cpu" and np.dtype(blocks.dtype) != np.int32:
+        raise TypeError(f"block_ids must be int32 on backend={backend!r}, got dtype "
+                        f"{blocks.dtype}")
+    check_same_shape({"cotangent": shape_of(g), "s": shape, "block_ids": shape_of(blocks)})
+    dtype, rows = _float_rows({"cotangent": g, "s": s, "w": w}, backend)
+    w_rows = _w_rows(w, shape, rows["w"])
+    outs = output_rows(out, [("grad_s", shape, dtype), ("grad_w", shape, dtype)], backend)
+    results = call_rows("isotonic", "isotonic_vjp_rows", backend, stream, rows["cotangent"],
+                        rows["s"], w_rows, rows_of(blocks, backend, np.int32), regularization,
+                        out=outs)
+    return shaped(results, [shape, shape], out)

@@ -19,7 +19,10 @@ import math
 import numba
 import numpy as np
 
-from .._numba import row_parallel
+from .._rows import row_parallel
+from ..._validate import COMPUTE_FLOAT_DTYPES
+
+DTYPES = COMPUTE_FLOAT_DTYPES
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -254,20 +257,23 @@ def _vjp_kl(g, s, w, blocks, grad_s, grad_w):
             grad_w[r, i] = -grad_w[r, i]
 
 
-def isotonic_rows(s: np.ndarray, w: np.ndarray, regularization: str):
+def isotonic_rows(s: np.ndarray, w: np.ndarray, regularization: str, *, out=None):
     """s (rows, n), w (rows or 1, n) -> (solution with s's dtype, int32 block ids)."""
     w = np.broadcast_to(w, s.shape)  # a shared row is read through a zero stride, not copied
-    sol = np.empty(s.shape, dtype=s.dtype)
-    blocks = np.empty(s.shape, dtype=np.int32)
+    if out is None:
+        out = np.empty(s.shape, dtype=s.dtype), np.empty(s.shape, dtype=np.int32)
+    sol, blocks = out
     if s.size:
         (_pav_l2 if regularization == "l2" else _pav_kl)(s, w, sol, blocks)
     return sol, blocks
 
 
-def isotonic_vjp_rows(g, s, w, blocks, regularization: str):
+def isotonic_vjp_rows(g, s, w, blocks, regularization: str, *, out=None):
+    """VJP of `isotonic_rows` -> (grad_s, grad_w), both (rows, n) of g's dtype."""
     w = np.broadcast_to(w, s.shape)
-    grad_s = np.empty(g.shape, dtype=g.dtype)
-    grad_w = np.empty(g.shape, dtype=g.dtype)
+    if out is None:
+        out = np.empty(g.shape, dtype=g.dtype), np.empty(g.shape, dtype=g.dtype)
+    grad_s, grad_w = out
     if g.size:
         if regularization == "l2":
             _vjp_l2(g, blocks, grad_s, grad_w)

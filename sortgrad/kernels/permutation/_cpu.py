@@ -6,9 +6,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import row_parallel
+from .._rows import row_parallel
 
 from .._keys import key_dtype
+
+DTYPES = None  # values of any dtype move as bits (or through NumPy)
 
 
 @row_parallel
@@ -59,9 +61,13 @@ def gather_rows_into(values: np.ndarray, perm: np.ndarray, out: np.ndarray) -> n
     return out
 
 
-def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int) -> np.ndarray:
+def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int, *, out=None) -> np.ndarray:
+    """out[r, perm[r, i]] = values[r, i], zeros elsewhere; out (rows, n) of values' dtype."""
     rows = perm.shape[0]
-    out = np.zeros((rows, n), dtype=values.dtype)
+    if out is None:
+        out = np.zeros((rows, n), dtype=values.dtype)
+    else:
+        out[...] = 0
     if values.size:
         bits = _bits_dtype(values.dtype)
         if bits is None:
@@ -71,8 +77,10 @@ def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def inverse_rows(perm: np.ndarray) -> np.ndarray:
-    out = np.empty(perm.shape, dtype=np.int32)
+def inverse_rows(perm: np.ndarray, *, out=None) -> np.ndarray:
+    """out[r, perm[r, i]] = i (int32)."""
+    if out is None:
+        out = np.empty(perm.shape, dtype=np.int32)
     if perm.size:
         _inverse_rows(perm, out)
     return out

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._common import (as_rows, as_float_or_int_array, check_index_array, check_row_length,
-                       resolve_backend)
-from . import _cpu
-from .. import _device
+from ..._validate import (check_index_dtype, check_key_dtype, check_ndim, check_row_length,
+                          check_rows)
+from .._backends import (as_backend_array, call_rows, check_data_dtype, 
+                         output_rows, resolve_backend, rows_of, shape_of, shaped, to_host)
 
 
 def _check_offsets(offsets, size: int) -> np.ndarray:
-    """Validated CSR offsets as int64."""
-    offsets = check_index_array(offsets, "offsets")
+    """Validated CSR offsets as int64 on the host (a device array is copied: a sync)."""
+    offsets = to_host(offsets)
+    check_index_dtype(offsets.dtype, "offsets")
     if offsets.ndim != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be a non-empty 1-D array, got shape {offsets.shape}")
     if offsets[0] != 0:
@@ -22,11 +23,12 @@ def _check_offsets(offsets, size: int) -> np.ndarray:
     offsets = offsets.astype(np.int64)
     if np.any(np.diff(offsets) < 0):
         raise ValueError("offsets must be non-decreasing")
+    check_row_length(int(np.max(np.diff(offsets), initial=0)), "segments")
     return offsets
 
 
-def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str | None = None,
-                   stream=None):
+def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: bool = False,
+                   out=None, backend: str | None = None, stream=None):
     """Stable sort of rows (or ragged segments), returning values and the permutation.
 
     Args:
@@ -36,7 +38,12 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
       offsets: optional CSR offsets, 1-D integer, starting at 0, non-decreasing, last entry at
         most `keys.size`; segment s is keys[offsets[s]:offsets[s+1]]. Elements past the last
         offset are copied through unsorted with perm 0.
-      descending: largest first.
+      descending: largest first (stable: equal keys keep their order).
+      reverse: each sorted row read backwards (rows only, not with `offsets`): with
+        descending=False this is `jnp.sort(..., descending=True)` (largest first, ties in
+        reverse order). CPU only for now.
+      out: optional (values, perm) arrays to write (keys' shape; keys' dtype and int32;
+        C-contiguous, of the backend's array kind); returned as given.
       backend: None (follow the array), "cpu", "cupy" or "numba".
       stream: device backends only: the CuPy stream (backend "cupy") or Numba stream (backend
         "numba") to launch on; None is the current stream. Ignored on the CPU.
@@ -57,22 +64,53 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, backend: str
     array of offsets is copied, which synchronises).
     """
     backend = resolve_backend([keys, offsets], backend)
-    if backend != "cpu":
-        return _device.segmented_sort(keys, offsets, descending, backend, stream, _check_offsets)
-    keys = as_float_or_int_array(keys, "keys")
+    keys = as_backend_array(keys, "keys", backend)
+    check_key_dtype(keys.dtype, "keys")
+    check_data_dtype(keys, "keys", backend, "segmented_sort")
+    check_ndim(shape_of(keys), "keys")
+    shape = shape_of(keys)
+    specs = [("values", shape, keys.dtype), ("perm", shape, np.int32)]
+    outs = output_rows(out, specs, backend)
     if offsets is None:
-        if keys.ndim == 0:
-            raise ValueError("keys must have at least one dimension")
-        n = keys.shape[-1]
-        check_row_length(n, "keys")
-        values, perm = _cpu.sort_rows(as_rows(keys), bool(descending))
-        return values.reshape(keys.shape), perm.reshape(keys.shape)
-    if keys.ndim != 1:
-        raise ValueError(f"keys must be 1-D when offsets are given, got shape {keys.shape}")
-    offsets = _check_offsets(offsets, keys.shape[0])
-    check_row_length(int(np.max(np.diff(offsets), initial=0)), "segments")
-    end = int(offsets[-1])
-    values = keys.copy()
-    perm = np.zeros(keys.shape[0], dtype=np.int32)
-    values[:end], perm[:end] = _cpu.sort_segments(keys[:end], offsets, bool(descending))
-    return values, perm
+        check_row_length(shape[-1], "keys")
+        if reverse and backend != "cpu":
+            raise NotImplementedError(f"reverse=True is not implemented on backend={backend!r}")
+        extra = {"reverse": True} if reverse else {}
+        results = call_rows("segmented_sort", "sort_rows", backend, stream,
+                            rows_of(keys, backend), bool(descending), out=outs, **extra)
+        return shaped(results, [shape, shape], out)
+    if reverse:
+        raise ValueError("reverse=True applies to rows, not to segments given by offsets")
+    if len(shape) != 1:
+        raise ValueError(f"keys must be 1-D when offsets are given, got shape {shape}")
+    offsets = _check_offsets(offsets, shape[0])
+    outs = None if outs is None else tuple(o.reshape(shape) for o in outs)
+    results = call_rows("segmented_sort", "sort_segments", backend, stream,
+                        keys, offsets, bool(descending), out=outs)
+    return shaped(results, [shape, shape], out)
+
+
+def segmented_argsort(keys, *, descending: bool = False, out=None, backend: str | None = None,
+                      stream=None):
+    """The permutation of `segmented_sort(keys, descending=descending)` alone (rows only), as
+    `jnp.argsort(keys, stable=True, descending=descending)`: int32 of keys' shape, written into
+    `out` when given. Same order, dtypes and checks as `segmented_sort`; on the CPU no values
+    are gathered."""
+    backend = resolve_backend([keys], backend)
+    keys = as_backend_array(keys, "keys", backend)
+    check_key_dtype(keys.dtype, "keys")
+    check_data_dtype(keys, "keys", backend, "segmented_sort")
+    shape = shape_of(keys)
+    check_rows(shape, "keys")
+    outs = output_rows(out, [("perm", shape, np.int32)], backend)
+    if backend == "cpu":
+        result = call_rows("segmented_sort", "argsort_rows", backend, stream,
+                           rows_of(keys, backend), bool(descending),
+                           out=None if outs is None else outs[0])
+        return shaped(result, [shape], out)
+    # device modules sort values and perm together; the values are scratch here
+    values, perm = segmented_sort(keys, descending=descending, backend=backend, stream=stream)
+    if out is None:
+        return perm
+    out[...] = perm
+    return out

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import PARALLEL_MIN_ELEMENTS, row_parallel
+from .._rows import PARALLEL_MIN_ELEMENTS, map_row_chunks, row_parallel
 
-from .._common import map_row_chunks
 from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits, spec_tuple
 from ..permutation._cpu import gather_rows_into
+from ..._validate import KEY_DTYPES
+
+DTYPES = KEY_DTYPES
 
 
 @row_parallel
@@ -180,12 +182,22 @@ def argsort_rows_by_key(rows: np.ndarray, spec: KeySpec, out: np.ndarray | None 
     return perm
 
 
-def sort_rows(rows: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Stable sort of each row of a 2-D array; returns (values, int32 column permutation)."""
-    values = np.empty(rows.shape, dtype=rows.dtype)
-    perm = np.empty(rows.shape, dtype=np.int32)
-    sort_rows_into(np.ascontiguousarray(rows), values, perm, descending=descending)
+def sort_rows(rows: np.ndarray, descending: bool, *, reverse: bool = False, out=None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Stable sort of each row of a 2-D array; returns (values, int32 column permutation),
+    written into `out` = (values, perm) when given; `reverse` as in `sort_rows_into`."""
+    if out is None:
+        out = np.empty(rows.shape, dtype=rows.dtype), np.empty(rows.shape, dtype=np.int32)
+    values, perm = out
+    sort_rows_into(np.ascontiguousarray(rows), values, perm, descending=descending,
+                   reverse=reverse)
     return values, perm
+
+
+def argsort_rows(rows: np.ndarray, descending: bool, *, out=None) -> np.ndarray:
+    """The int32 permutation of `sort_rows` alone (no values are gathered)."""
+    spec = key_spec(rows.dtype, canonical=True, descending=descending)
+    return argsort_rows_by_key(np.ascontiguousarray(rows), spec, out=out)
 
 
 def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarray, *,
@@ -206,15 +218,23 @@ def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarra
     gather_rows_into(rows, perm_out, values_out)
 
 
-def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool
+def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool, *, out=None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Stable sort of each segment [offsets[s], offsets[s+1]) of a 1-D array.
+    """Stable sort of each segment [offsets[s], offsets[s+1]) of a 1-D array; elements past
+    the last offset are copied through with perm 0.
 
-    Returns (values, perm) where perm holds positions relative to the segment start.
+    Returns (values, perm) where perm holds positions relative to the segment start, written
+    into `out` = (values, perm) when given.
     """
-    perm = np.zeros(x.shape[0], dtype=np.int32)
-    if x.shape[0]:
-        seg_keys = keys(x, key_spec(x.dtype, canonical=True, descending=descending))
-        _argsort_segments(seg_keys, offsets.astype(np.int64), perm)
+    if out is None:
+        out = np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=np.int32)
+    values, perm = out
+    end = int(offsets[-1])
+    perm[end:] = 0
+    values[end:] = x[end:]
+    if end:
+        seg_keys = keys(x[:end], key_spec(x.dtype, canonical=True, descending=descending))
+        _argsort_segments(seg_keys, offsets.astype(np.int64), perm[:end])
     starts = np.repeat(offsets[:-1].astype(np.int64), np.diff(offsets))
-    return x[starts + perm], perm
+    values[:end] = x[starts + perm[:end]]
+    return values, perm

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
-from .._common import as_rows, as_float_or_int_array, check_row_length, resolve_backend
-from . import _cpu
-from .. import _device
+from ..._validate import check_k, check_key_dtype, check_rows
+from .._backends import (as_backend_array, call_rows, check_data_dtype,
+                         output_rows, resolve_backend, rows_of, shape_of, shaped)
 
 
-def check_k(k, n: int) -> int:
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
-    if not 0 <= k <= n:
-        raise ValueError(f"k must satisfy 0 <= k <= n = {n}, got k = {k}")
-    return k
-
-
-def top_k(x, k: int, *, backend: str | None = None, stream=None):
+def top_k(x, k: int, *, out=None, backend: str | None = None, stream=None):
     """The k largest entries of each row (last axis), largest first.
 
     Args:
       x: array with at least one dimension, float16/bfloat16/float32/float64, integer or bool.
         Leading dims are batch dims.
       k: integer, 0 <= k <= x.shape[-1].
+      out: optional (values, indices) arrays to write, shape x.shape[:-1] + (k,), x's dtype
+        and int32, C-contiguous, of the backend's array kind; returned as given.
       backend: None (follow the array), "cpu", "cupy" or "numba".
       stream: device backends only: the CuPy stream (backend "cupy") or Numba stream (backend
         "numba") to launch on; None is the current stream. Ignored on the CPU.
@@ -41,14 +31,13 @@ def top_k(x, k: int, *, backend: str | None = None, stream=None):
     sorting the row. The input is never modified.
     """
     backend = resolve_backend([x], backend)
-    if backend != "cpu":
-        return _device.top_k(x, k, backend, stream, check_k)
-    x = as_float_or_int_array(x, "x")
-    if x.ndim == 0:
-        raise ValueError("x must have at least one dimension")
-    n = x.shape[-1]
-    check_row_length(n, "x")
+    x = as_backend_array(x, "x", backend)
+    check_key_dtype(x.dtype, "x")
+    check_data_dtype(x, "x", backend, "top_k")
+    n = check_rows(shape_of(x), "x")
     k = check_k(k, n)
-    values, indices = _cpu.top_k_rows(as_rows(x), k)
-    out_shape = x.shape[:-1] + (k,)
-    return values.reshape(out_shape), indices.reshape(out_shape)
+    out_shape = shape_of(x)[:-1] + (k,)
+    outs = output_rows(out, [("values", out_shape, x.dtype), ("indices", out_shape, np.int32)],
+                       backend)
+    results = call_rows("top_k", "top_k_rows", backend, stream, rows_of(x, backend), k, out=outs)
+    return shaped(results, [out_shape, out_shape], out)

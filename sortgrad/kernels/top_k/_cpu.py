@@ -11,12 +11,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._numba import row_parallel
+from .._rows import row_parallel
 
-from .._common import num_threads
+from .._rows import num_threads
 from .._keys import key_of, key_spec, raw_bits, spec_tuple
 from ..permutation._cpu import gather_rows
 from ..segmented_sort._cpu import argsort_rows_by_key
+from ..._validate import KEY_DTYPES
+
+DTYPES = KEY_DTYPES
 
 SMALL_K = 64
 _BLOCK = 32  # elements screened together
@@ -123,8 +126,18 @@ def _chunks_per_row(num_rows: int, n: int, k: int) -> int:
     return max(1, min(-(-threads // num_rows), n // max(8 * k, 4096)))
 
 
-def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values, int32 indices) of the k largest entries of each row, largest first."""
+def top_k_rows(rows: np.ndarray, k: int, *, out=None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, int32 indices) of the k largest entries of each row, largest first; written
+    into `out` = (values, indices), each (rows, k), when given."""
+    num_rows, n = rows.shape
+    if out is not None:
+        values, indices = _top_k_rows(rows, k)
+        out[0][...], out[1][...] = values, indices
+        return out
+    return _top_k_rows(rows, k)
+
+
+def _top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     num_rows, n = rows.shape
     if k == 0 or num_rows == 0:
         return np.empty((num_rows, k), rows.dtype), np.empty((num_rows, k), np.int32)

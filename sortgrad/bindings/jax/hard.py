@@ -8,79 +8,64 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import kernels
-from ..kernels._common import as_rows
-from ..kernels._keys import key_spec
-from ..kernels.segmented_sort import _cpu as _sort_cpu
-from ._callback import batched_rows, host_call, staged_call
-from ._validate import check_array, check_axis, check_k, check_key_dtype, is_float
+from ... import kernels
+from ..._validate import check_k, check_key_dtype, is_float_dtype
+from ._args import array_and_axis
+from ._call import kernel_call, staged_call
 
 
 def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-# --- host functions on rows -----------------------------------------------------------------
+# --- kernel functions (one per callback pass) --------------------------------------------------
 
-def _sort_rows(descending: bool):
-    def run(x):
-        if descending:
-            # jnp.sort(descending=True) is the reversed ascending stable sort
-            values, perm = kernels.segmented_sort(x)
-            return values[:, ::-1], perm[:, ::-1]
-        return kernels.segmented_sort(x)
-    return batched_rows(run)
-
-
-def _sort_into(descending: bool, with_perm: bool = True):
-    """Writes values (and perm) of every row straight into the output buffers (buffer mode)."""
-    def run(outs, x):
-        n = x.shape[-1]
-        rows = as_rows(x)
-        values = outs[0].reshape(-1, n)
-        perm = outs[1].reshape(-1, n) if with_perm else np.empty(rows.shape, np.int32)
-        _sort_cpu.sort_rows_into(rows, values, perm, reverse=descending)
+def _sort_kernel(descending: bool, with_perm: bool = True):
+    """Values (and perm) of every row; descending is the ascending sort reversed, as
+    `jnp.sort(descending=True)`."""
+    def run(x, *, out=None):
+        if out is not None and not with_perm:
+            out = (out[0], np.empty(x.shape, np.int32))
+        values, perm = kernels.segmented_sort(x, reverse=descending, out=out)
+        return (values, perm) if with_perm else (values,)
     return run
 
 
-def _argsort_into(descending: bool):
-    def run(outs, x):
-        n = x.shape[-1]
-        spec = key_spec(x.dtype, canonical=True, descending=descending)
-        _sort_cpu.argsort_rows_by_key(as_rows(x), spec, out=outs[0].reshape(-1, n))
+def _argsort_kernel(descending: bool):
+    def run(x, *, out=None):
+        return (kernels.segmented_argsort(x, descending=descending,
+                                          out=None if out is None else out[0]),)
     return run
 
 
-def _argsort_rows(descending: bool):
-    return batched_rows(lambda x: (kernels.segmented_sort(x, descending=descending)[1],))
+def _top_k_kernel(k: int):
+    def run(x, *, out=None):
+        return kernels.top_k(x, k, out=out)
+    return run
 
 
-def _top_k_rows(k: int):
-    return batched_rows(lambda x: kernels.top_k(x, k))
-
-
-def _scatter_rows(n: int):
-    return batched_rows(lambda values, perm: (kernels.permutation_scatter(values, perm, n),))
+def _scatter_kernel(n: int):
+    def run(values, perm, *, out=None):
+        return (kernels.permutation_scatter(values, perm, n, out=None if out is None else out[0]),)
+    return run
 
 
 def _scatter(g, perm, n: int):
-    (dx,) = host_call(_scatter_rows(n), [_spec(g.shape[:-1] + (n,), g.dtype)], g, perm)
+    (dx,) = kernel_call(_scatter_kernel(n), [_spec(g.shape[:-1] + (n,), g.dtype)], g, perm)
     return dx
 
 
 # --- differentiable cores on the last axis ---------------------------------------------------
 
 def _sort_call(x, descending):
-    return host_call(_sort_rows(descending),
-                     [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x,
-                     into=_sort_into(descending))
+    return kernel_call(_sort_kernel(descending),
+                       [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x)
 
 
 def _sort_values_call(x, descending):
     """The sorted values only (no perm output: the primal without a gradient)."""
-    rows_fn = _sort_rows(descending)
-    (values,) = host_call(lambda x_: rows_fn(x_)[:1], [_spec(x.shape, x.dtype)], x,
-                          into=_sort_into(descending, with_perm=False))
+    (values,) = kernel_call(_sort_kernel(descending, with_perm=False), [_spec(x.shape, x.dtype)],
+                            x)
     return values
 
 
@@ -103,7 +88,7 @@ _sort_last.defvjp(_sort_last_fwd, _sort_last_bwd)
 
 def _top_k_call(x, k):
     shape = x.shape[:-1] + (k,)
-    return host_call(_top_k_rows(k), [_spec(shape, x.dtype), _spec(shape, np.int32)], x)
+    return kernel_call(_top_k_kernel(k), [_spec(shape, x.dtype), _spec(shape, np.int32)], x)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -126,9 +111,8 @@ _top_k_last.defvjp(_top_k_last_fwd, _top_k_last_bwd)
 # --- public ops -------------------------------------------------------------------------------
 
 def _prepare(x, axis):
-    x = check_array(x)
-    check_key_dtype(x)
-    axis = check_axis(x, axis)
+    x, axis = array_and_axis(x, axis)
+    check_key_dtype(x.dtype)
     return x, axis
 
 
@@ -156,7 +140,7 @@ def _sort_impl(x, axis, descending):
     if x.size == 0:
         return x
     xl = jnp.moveaxis(x, axis, -1)
-    if is_float(x.dtype):
+    if is_float_dtype(x.dtype):
         out = _sort_last(xl, descending)
     else:
         out = _sort_values_call(jax.lax.stop_gradient(xl), descending)
@@ -178,8 +162,7 @@ def _argsort_impl(x, axis, descending):
     if x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
     xl = jax.lax.stop_gradient(jnp.moveaxis(x, axis, -1))
-    (perm,) = host_call(_argsort_rows(descending), [_spec(xl.shape, np.int32)], xl,
-                        into=_argsort_into(descending))
+    (perm,) = kernel_call(_argsort_kernel(descending), [_spec(xl.shape, np.int32)], xl)
     return jnp.moveaxis(perm, -1, axis)
 
 
@@ -201,7 +184,7 @@ def _top_k_impl(x, k, axis):
     if k == 0 or x.size == 0:
         shape = xl.shape[:-1] + (k,)
         values, indices = jnp.zeros(shape, x.dtype), jnp.zeros(shape, jnp.int32)
-    elif is_float(x.dtype):
+    elif is_float_dtype(x.dtype):
         values, indices = _top_k_last(xl, k, xl.shape[-1])
     else:
         values, indices = _top_k_call(jax.lax.stop_gradient(xl), k)

@@ -1,7 +1,7 @@
 """Soft sort, soft rank, soft top-k mask and soft quantiles as JAX ops (Blondel et al. 2020).
 
 Each core is a `jax.custom_vjp` over the last axis whose forward and backward run the kernels
-of `sortgrad.kernels.soft` through a host callback. Residuals: the input, the int32 sorting
+of the kernel API (`sortgrad.kernels.soft_*`) through one callback per pass. Residuals: the input, the int32 sorting
 permutation and the int32 block ids of the isotonic solution (plus the output for KL ranks).
 """
 
@@ -13,45 +13,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..kernels import soft as soft_kernels
-from ._callback import batched_rows, host_call, staged_call
-from ._validate import (check_array, check_axis, check_k, check_quantiles, check_regularization,
-                        check_strength, soft_compute_dtype)
+from ... import kernels
+from ..._validate import check_k, check_quantiles, check_regularization, check_strength
+from ._args import array_and_axis, compute_dtype
+from ._call import kernel_call, staged_call
 
 
-def _specs(x):
+def _forward_specs(x):
     return [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, np.int32),
             jax.ShapeDtypeStruct(x.shape, np.int32)]
 
 
-def _grad_call(row_fn, x, *args):
-    (dx,) = host_call(batched_rows(lambda *rows: (row_fn(*rows),)),
-                      [jax.ShapeDtypeStruct(x.shape, x.dtype)], *args)
+def _forward_call(kernel, x, *static):
+    """kernel(x, *static, out=...) -> (values, perm, block_ids) of the kernel API."""
+    return kernel_call(lambda x_, out=None: kernel(x_, *static, out=out), _forward_specs(x), x)
+
+
+def _vjp_call(kernel, g, x, residuals, static, options):
+    """kernel(g, x, *residuals, *static, out=..., **options) -> dx of the kernel API."""
+    def run(*arrays, out=None):
+        return (kernel(*arrays, *static, out=None if out is None else out[0], **options),)
+    (dx,) = kernel_call(run, [jax.ShapeDtypeStruct(x.shape, x.dtype)], g, x, *residuals)
     return dx
 
 
 # --- soft rank --------------------------------------------------------------------------------
 
-def _soft_rank_call(x, eps, regularization, descending):
-    return host_call(batched_rows(
-        lambda rows: soft_kernels.soft_rank_fwd(rows, eps, regularization, descending)),
-        _specs(x), x)
+def _rank_call(x, eps, regularization, descending):
+    return _forward_call(partial(kernels.soft_rank, regularization=regularization,
+                                 descending=descending), x, eps)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _soft_rank_last(x, eps, regularization, descending):
-    return _soft_rank_call(x, eps, regularization, descending)[0]
+    return _rank_call(x, eps, regularization, descending)[0]
 
 
 def _soft_rank_last_fwd(x, eps, regularization, descending):
-    ranks, perm, blocks = _soft_rank_call(x, eps, regularization, descending)
+    ranks, perm, blocks = _rank_call(x, eps, regularization, descending)
     return ranks, (x, ranks, perm, blocks)
 
 
 def _soft_rank_last_bwd(eps, regularization, descending, residuals, g):
     x, ranks, perm, blocks = residuals
-    return (_grad_call(lambda g_, x_, r_, p_, b_: soft_kernels.soft_rank_bwd(
-        g_, x_, r_, p_, b_, eps, regularization, descending), x, g, x, ranks, perm, blocks),)
+    return (_vjp_call(kernels.soft_rank_vjp, g, x, (ranks, perm, blocks), (eps,),
+                      {"regularization": regularization, "descending": descending}),)
 
 
 _soft_rank_last.defvjp(_soft_rank_last_fwd, _soft_rank_last_bwd)
@@ -59,26 +65,25 @@ _soft_rank_last.defvjp(_soft_rank_last_fwd, _soft_rank_last_bwd)
 
 # --- soft sort --------------------------------------------------------------------------------
 
-def _soft_sort_call(x, eps, regularization, descending):
-    return host_call(batched_rows(
-        lambda rows: soft_kernels.soft_sort_fwd(rows, eps, regularization, descending)),
-        _specs(x), x)
+def _sort_call(x, eps, regularization, descending):
+    return _forward_call(partial(kernels.soft_sort, regularization=regularization,
+                                 descending=descending), x, eps)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _soft_sort_last(x, eps, regularization, descending):
-    return _soft_sort_call(x, eps, regularization, descending)[0]
+    return _sort_call(x, eps, regularization, descending)[0]
 
 
 def _soft_sort_last_fwd(x, eps, regularization, descending):
-    values, perm, blocks = _soft_sort_call(x, eps, regularization, descending)
+    values, perm, blocks = _sort_call(x, eps, regularization, descending)
     return values, (x, perm, blocks)
 
 
 def _soft_sort_last_bwd(eps, regularization, descending, residuals, g):
     x, perm, blocks = residuals
-    return (_grad_call(lambda g_, x_, p_, b_: soft_kernels.soft_sort_bwd(
-        g_, x_, p_, b_, eps, regularization, descending), x, g, x, perm, blocks),)
+    return (_vjp_call(kernels.soft_sort_vjp, g, x, (perm, blocks), (eps,),
+                      {"regularization": regularization, "descending": descending}),)
 
 
 _soft_sort_last.defvjp(_soft_sort_last_fwd, _soft_sort_last_bwd)
@@ -86,25 +91,19 @@ _soft_sort_last.defvjp(_soft_sort_last_fwd, _soft_sort_last_bwd)
 
 # --- soft top-k mask --------------------------------------------------------------------------
 
-def _soft_mask_call(x, k, eps):
-    return host_call(batched_rows(lambda rows: soft_kernels.soft_top_k_mask_fwd(rows, k, eps)),
-                     _specs(x), x)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _soft_mask_last(x, k, eps):
-    return _soft_mask_call(x, k, eps)[0]
+    return _forward_call(kernels.soft_top_k_mask, x, k, eps)[0]
 
 
 def _soft_mask_last_fwd(x, k, eps):
-    mask, perm, blocks = _soft_mask_call(x, k, eps)
+    mask, perm, blocks = _forward_call(kernels.soft_top_k_mask, x, k, eps)
     return mask, (x, perm, blocks)
 
 
 def _soft_mask_last_bwd(k, eps, residuals, g):
     x, perm, blocks = residuals
-    return (_grad_call(lambda g_, x_, p_, b_: soft_kernels.soft_top_k_mask_bwd(
-        g_, x_, p_, b_, eps), x, g, x, perm, blocks),)
+    return (_vjp_call(kernels.soft_top_k_mask_vjp, g, x, (perm, blocks), (eps,), {}),)
 
 
 _soft_mask_last.defvjp(_soft_mask_last_fwd, _soft_mask_last_bwd)
@@ -114,16 +113,15 @@ _soft_mask_last.defvjp(_soft_mask_last_fwd, _soft_mask_last_bwd)
 
 def _apply_on_axis(core, x, axis, *static):
     """Runs core(x_last, *static) with `axis` moved last and 16-bit floats in float32."""
-    x = check_array(x)
-    soft_compute_dtype(x)
-    axis = check_axis(x, axis)
+    x, axis = array_and_axis(x, axis)
+    compute_dtype(x)
     return staged_call(_on_axis_impl, x, core, axis, *static)
 
 
 def _on_axis_impl(x, core, axis, *static):
     if x.size == 0:
         return x
-    out = core(jnp.moveaxis(x, axis, -1).astype(soft_compute_dtype(x)), *static)
+    out = core(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), *static)
     return jnp.moveaxis(out, -1, axis).astype(x.dtype)
 
 
@@ -174,8 +172,7 @@ def soft_top_k_mask(x, k: int, *, axis: int = -1, regularization_strength: float
     i.e. clip(x/eps - tau, 0, 1) with tau chosen so the row sums to k; as eps -> 0 it is 1 on
     the k largest entries. `0 <= k <= n` (static), else ValueError.
     """
-    x = check_array(x)
-    axis = check_axis(x, axis)
+    x, axis = array_and_axis(x, axis)
     k = check_k(k, x.shape[axis])
     eps = check_strength(regularization_strength)
     return _apply_on_axis(_soft_mask_last, x, axis, k, eps)
@@ -190,8 +187,7 @@ def soft_quantile(x, q, *, axis: int = -1, regularization_strength: float = 1.0,
     gets a leading axis of len(q), as `jnp.quantile`). The row must not be empty.
     """
     quantiles = check_quantiles(q)
-    x = check_array(x)
-    axis = check_axis(x, axis)
+    x, axis = array_and_axis(x, axis)
     n = x.shape[axis]
     if n == 0:
         raise ValueError("soft_quantile needs at least one element along axis")

@@ -20,13 +20,14 @@ import math
 import numba
 import numpy as np
 
-from ._numba import row_parallel
-
-from .isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
+from .._rows import map_row_chunks, row_parallel
+from ..isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
                            pav_kl_row, pav_l2_row, pav_ratio_blocks)
-from ._common import map_row_chunks
-from ._keys import key_spec
-from .segmented_sort._cpu import RADIX_MIN_N, argsort_rows_by_key
+from .._keys import key_spec
+from ..segmented_sort._cpu import RADIX_MIN_N, argsort_rows_by_key
+from ..._validate import COMPUTE_FLOAT_DTYPES
+
+DTYPES = COMPUTE_FLOAT_DTYPES
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -40,13 +41,14 @@ def _sorted_row(x_row, perm_row, scale, out):
     return finite
 
 
-def _argsort(x, descending: bool):
-    """A permutation sorting each row; the order of ties is irrelevant here (see above), so
-    short 64-bit rows take NumPy's vectorised (unstable) argsort without the stability pass;
-    long rows take the radix sort of `argsort_rows_by_key`."""
+def _argsort(x, descending: bool, out):
+    """Writes a permutation sorting each row into `out`; the order of ties is irrelevant here
+    (see above), so short 64-bit rows take NumPy's vectorised (unstable) argsort without the
+    stability pass; long rows take the radix sort of `argsort_rows_by_key`."""
     if x.dtype.itemsize <= 4 or x.shape[-1] >= RADIX_MIN_N:
-        return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending))
-    perm = np.empty(x.shape, dtype=np.int32)
+        return argsort_rows_by_key(x, key_spec(x.dtype, canonical=True, descending=descending),
+                                   out=out)
+    perm = out
 
     def chunk(start, stop):
         rows = x[start:stop]
@@ -142,20 +144,32 @@ def _log_rho(n: int) -> np.ndarray:
     return np.log(np.arange(n, 0, -1, dtype=np.float64))
 
 
-def soft_rank_fwd(x, eps: float, regularization: str, descending: bool):
+def _outputs(x, out):
+    """(values, perm, block_ids) to write: `out`, or new arrays (values of x's dtype)."""
+    if out is not None:
+        return out
+    return (np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=np.int32),
+            np.empty(x.shape, dtype=np.int32))
+
+
+def _grad_output(x, out):
+    return np.empty(x.shape, dtype=x.dtype) if out is None else out
+
+
+def soft_rank_rows(x, eps: float, regularization: str, descending: bool, *, out=None):
     """Ranks in [1, n] (rank 1 = smallest when ascending) -> (ranks, perm, block_ids)."""
     scale = (-1.0 if descending else 1.0) / eps
-    perm = _argsort(x, descending=scale > 0)
-    ranks = np.empty(x.shape, dtype=x.dtype)
-    blocks = np.empty(x.shape, dtype=np.int32)
+    ranks, perm, blocks = _outputs(x, out)
+    _argsort(x, descending=scale > 0, out=perm)
     if x.size:
         _rank_fwd(x, perm, scale, regularization == "kl", _log_rho(x.shape[1]), ranks, blocks)
     return ranks, perm, blocks
 
 
-def soft_rank_bwd(g, x, ranks, perm, blocks, eps: float, regularization: str, descending: bool):
+def soft_rank_vjp_rows(g, x, ranks, perm, blocks, eps: float, regularization: str,
+                       descending: bool, *, out=None):
     scale = (-1.0 if descending else 1.0) / eps
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = _grad_output(x, out)
     if x.size:
         _rank_bwd(g, x, ranks, perm, blocks, scale, regularization == "kl", dx)
     return dx
@@ -207,23 +221,23 @@ def _sort_bwd(g, x, perm, blocks, sign, kl, dx):
             dx[r, perm[r, i]] = pooled[i]
 
 
-def soft_sort_fwd(x, eps: float, regularization: str, descending: bool):
+def soft_sort_rows(x, eps: float, regularization: str, descending: bool, *, out=None):
     """Soft sorted values (in sorted order) -> (values, perm, block_ids).
 
     Descending is primary; ascending is -soft_sort_desc(-x).
     """
     sign = 1.0 if descending else -1.0
-    perm = _argsort(x, descending)
-    out = np.empty(x.shape, dtype=x.dtype)
-    blocks = np.empty(x.shape, dtype=np.int32)
+    values, perm, blocks = _outputs(x, out)
+    _argsort(x, descending, out=perm)
     if x.size:
-        _sort_fwd(x, perm, sign, 1.0 / eps, regularization == "kl", out, blocks)
-    return out, perm, blocks
+        _sort_fwd(x, perm, sign, 1.0 / eps, regularization == "kl", values, blocks)
+    return values, perm, blocks
 
 
-def soft_sort_bwd(g, x, perm, blocks, eps: float, regularization: str, descending: bool):
+def soft_sort_vjp_rows(g, x, perm, blocks, eps: float, regularization: str, descending: bool,
+                       *, out=None):
     sign = 1.0 if descending else -1.0
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = _grad_output(x, out)
     if x.size:
         _sort_bwd(g, x, perm, blocks, sign, regularization == "kl", dx)
     return dx
@@ -251,19 +265,18 @@ def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
             mask[r, perm[r, i]] = min(max(s[i] - sol[i], 0.0), 1.0)
 
 
-def soft_top_k_mask_fwd(x, k: int, eps: float):
+def soft_top_k_mask_rows(x, k: int, eps: float, *, out=None):
     """Projection of x/eps onto the permutahedron of (1,...,1,0,...,0) with k ones (L2)."""
-    perm = _argsort(x, descending=True)
-    mask = np.empty(x.shape, dtype=x.dtype)
-    blocks = np.empty(x.shape, dtype=np.int32)
+    mask, perm, blocks = _outputs(x, out)
+    _argsort(x, descending=True, out=perm)
     if x.size:
         _mask_fwd(x, perm, k, 1.0 / eps, mask, blocks)
     return mask, perm, blocks
 
 
-def soft_top_k_mask_bwd(g, x, perm, blocks, eps: float):
+def soft_top_k_mask_vjp_rows(g, x, perm, blocks, eps: float, *, out=None):
     """Same Jacobian as the L2 soft rank: dx[perm] = (g_s - blockmean(g_s)) / eps."""
-    dx = np.empty(x.shape, dtype=x.dtype)
+    dx = _grad_output(x, out)
     if x.size:
         _rank_bwd(g, x, x, perm, blocks, 1.0 / eps, False, dx)
     return dx

@@ -11,35 +11,19 @@ on the same draws, with a sample-mean baseline; it needs no further top-k call.
 from __future__ import annotations
 
 import math
-import operator
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from ._callback import callback_mode, get_callback_mode
-from ._validate import (check_array, check_axis, check_k, check_positive_float,
-                        float_compute_dtype)
+from ..._validate import check_k, check_positive_float, check_positive_int
+from ._args import array_and_axis, compute_dtype
+from ._call import callback_mode, get_callback_mode
 from .hard import top_k as _sortgrad_top_k
 
 # Which top-k computes the hard selections of the perturbed batch. "sortgrad" is the public op;
 # "lax" (jax.lax.top_k, the same results) exists for the benchmark's in-estimator comparison.
 _SELECTORS = ("sortgrad", "lax")
-
-
-# --- argument checks ----------------------------------------------------------------------------
-
-def _check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool):
-        raise TypeError("num_samples must be a static integer, got bool")
-    try:
-        num_samples = operator.index(num_samples)
-    except TypeError:
-        raise TypeError("num_samples must be a static integer, got "
-                        f"{type(num_samples).__name__}") from None
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return num_samples
 
 
 # --- the estimator on the last axis -------------------------------------------------------------
@@ -123,12 +107,11 @@ def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
     """Checks the arguments (at trace time), draws Z and runs the estimator with `selector`."""
     if selector not in _SELECTORS:
         raise ValueError(f"selector must be one of {_SELECTORS}, got {selector!r}")
-    x = check_array(x)
-    dtype = float_compute_dtype(x, op="perturbed_top_k")
-    axis = check_axis(x, axis)
+    x, axis = array_and_axis(x, axis)
+    dtype = compute_dtype(x, op="perturbed_top_k")
     n = x.shape[axis]
     k = check_k(k, n)
-    num_samples = _check_num_samples(num_samples)
+    num_samples = check_positive_int(num_samples, "num_samples")
     sigma = check_positive_float(sigma, "sigma")
     batch = tuple(d for i, d in enumerate(x.shape) if i != axis)
     if k == 0 or x.size == 0:

@@ -1,0 +1,26 @@
+"""The JAX side of argument checking: arrays become `jax.Array`s, then the framework-free
+rules of `sortgrad._validate` apply (each rule lives there once)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ..._validate import check_axis, check_ndim, float_compute_dtype
+
+
+def as_jax_array(x, name: str = "x"):
+    """`x` as a JAX array with at least one dimension."""
+    x = jnp.asarray(x)
+    check_ndim(x.shape, name)
+    return x
+
+
+def array_and_axis(x, axis, name: str = "x"):
+    """(jax array, non-negative axis), checked."""
+    x = as_jax_array(x, name)
+    return x, check_axis(x.shape, axis)
+
+
+def compute_dtype(x, name: str = "x", op: str = "soft ops"):
+    """The float dtype ops that differentiate x compute in (16-bit floats: float32)."""
+    return jnp.dtype(float_compute_dtype(x.dtype, name, op))
