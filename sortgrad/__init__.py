@@ -5,12 +5,9 @@ after Blondel et al. 2020 (`soft_sort`, `soft_rank`, `soft_top_k_mask`, `soft_qu
 Array-level kernels (NumPy, and CuPy where installed) live in `sortgrad.kernels`.
 """
 
-from .bindings.jax import (argsort, callback_mode, get_callback_mode, perturbed_top_k,
-                           set_callback_mode, soft_quantile, soft_rank, soft_sort,
-                           soft_top_k_mask, sort, top_k)
+from .bindings import jax as _jax_bindings
+from .bindings.jax import *  # noqa: F401,F403 (the public ops: see bindings/jax/__init__.py)
 
 __version__ = "0.1.0"
 
-__all__ = ["sort", "argsort", "top_k", "soft_sort", "soft_rank", "soft_top_k_mask",
-           "soft_quantile", "perturbed_top_k", "set_callback_mode", "get_callback_mode",
-           "callback_mode"]
+__all__ = list(_jax_bindings.__all__)

@@ -37,7 +37,8 @@ def is_key_dtype(dtype) -> bool:
 
 def check_key_dtype(dtype, name: str = "x") -> None:
     if not is_key_dtype(dtype):
-        raise TypeError(f"{name} must have a floating, integer or bool dtype, got {np.dtype(dtype)}")
+        raise TypeError(f"{name} must have a floating, integer or bool dtype, got "
+                        f"{np.dtype(dtype)}")
 
 
 def float_compute_dtype(dtype, name: str = "x", op: str = "soft ops") -> np.dtype:

@@ -4,19 +4,24 @@ Every kernel takes NumPy arrays (CPU backend) -- or, where a GPU backend is inst
 Numba device arrays -- and returns arrays of the same kind; `out=` writes into given arrays and
 `stream=` picks the launch stream on device backends. Rows are the last axis; leading dims are
 batch. The backend follows the arrays unless `backend=` names one (`_backends.py`).
+
+The API is the `__all__` of every op package in the registry (`_backends.REGISTRY`):
+segmented_sort, segmented_argsort, top_k, inverse_permutation, permutation_scatter,
+isotonic_regression(_vjp), soft_rank(_vjp), soft_sort(_vjp), soft_top_k_mask(_vjp).
 """
 
+import importlib as _importlib
+
+from ._backends import OPS as _OPS
 from ._jit_cache import ensure_fresh as _ensure_fresh
 
-_ensure_fresh()  # before any kernel runs: a cached kernel is never older than the sources
+__all__ = []
+for _op in _OPS:
+    _package = _importlib.import_module(f".{_op}", __name__)
+    for _name in _package.__all__:
+        globals()[_name] = getattr(_package, _name)
+        __all__.append(_name)
 
-from .isotonic import isotonic_regression, isotonic_regression_vjp
-from .permutation import inverse_permutation, permutation_scatter
-from .segmented_sort import segmented_argsort, segmented_sort
-from .soft import (soft_rank, soft_rank_vjp, soft_sort, soft_sort_vjp, soft_top_k_mask,
-                   soft_top_k_mask_vjp)
-from .top_k import top_k
-
-__all__ = ["segmented_sort", "segmented_argsort", "top_k", "inverse_permutation", "permutation_scatter",
-           "isotonic_regression", "isotonic_regression_vjp", "soft_rank", "soft_rank_vjp",
-           "soft_sort", "soft_sort_vjp", "soft_top_k_mask", "soft_top_k_mask_vjp"]
+# Before any kernel runs (Numba reads its disk cache at a kernel's first call): a cached
+# kernel is never older than the sources.
+_ensure_fresh()

@@ -81,3 +81,39 @@ def row_parallel(fn):
     call.parallel = parallel
     call.serial = serial
     return call
+
+
+# --- gathers (values move as raw bits, so every dtype takes the same compiled code) -------
+
+@row_parallel
+def _gather_rows(values, perm, out):
+    rows, m = perm.shape
+    for r in numba.prange(rows):
+        for i in range(m):
+            out[r, i] = values[r, perm[r, i]]
+
+
+def bits_dtype(dtype):
+    """The unsigned integer dtype of the same width (values move as bits), or None (e.g.
+    complex128: 16 bytes; object dtypes)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize not in (1, 2, 4, 8) or dtype.kind == "O" or (
+            dtype.kind == "V" and dtype.name != "bfloat16"):
+        return None
+    return np.dtype(f"u{dtype.itemsize}")
+
+
+def gather_rows(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """out[r, i] = values[r, perm[r, i]] (the values' exact bits)."""
+    return gather_rows_into(values, perm, np.empty(perm.shape, dtype=values.dtype))
+
+
+def gather_rows_into(values: np.ndarray, perm: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """gather_rows writing into `out` (C-contiguous, perm's shape, values' dtype); returns it."""
+    if out.size:
+        bits = bits_dtype(values.dtype)
+        if bits is None:
+            out[...] = np.take_along_axis(values, perm, axis=-1)
+        else:
+            _gather_rows(np.ascontiguousarray(values).view(bits), perm, out.view(bits))
+    return out

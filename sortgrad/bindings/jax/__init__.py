@@ -1,11 +1,21 @@
 """JAX bindings: custom-derivative ops whose passes run the public kernel API
-(`sortgrad.kernels`) through callbacks on XLA's buffers (`_call.py`)."""
+(`sortgrad.kernels`) through callbacks on XLA's buffers (`_call.py`).
+
+The public ops are the `__all__` of every public module here (one module per family of ops:
+`hard`, `soft`, `perturbed`; a new binding module is picked up without further edits), plus
+the callback-mode switches of `_call`.
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from ._call import callback_mode, get_callback_mode, set_callback_mode
-from .hard import argsort, sort, top_k
-from .perturbed import perturbed_top_k
-from .soft import soft_quantile, soft_rank, soft_sort, soft_top_k_mask
 
-__all__ = ["sort", "argsort", "top_k", "soft_sort", "soft_rank", "soft_top_k_mask",
-           "soft_quantile", "perturbed_top_k", "set_callback_mode", "get_callback_mode",
-           "callback_mode"]
+__all__ = []
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda info: info.name):
+    if not _info.name.startswith("_"):
+        _module = _importlib.import_module(f".{_info.name}", __name__)
+        for _name in _module.__all__:
+            globals()[_name] = getattr(_module, _name)
+            __all__.append(_name)
+__all__ += ["set_callback_mode", "get_callback_mode", "callback_mode"]

@@ -13,6 +13,8 @@ from ..._validate import check_k, check_key_dtype, is_float_dtype
 from ._args import array_and_axis
 from ._call import kernel_call, staged_call
 
+__all__ = ["sort", "argsort", "top_k"]
+
 
 def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)

@@ -25,6 +25,8 @@ from .hard import top_k as _sortgrad_top_k
 # "lax" (jax.lax.top_k, the same results) exists for the benchmark's in-estimator comparison.
 _SELECTORS = ("sortgrad", "lax")
 
+__all__ = ["perturbed_top_k"]
+
 
 # --- the estimator on the last axis -------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Soft sort, soft rank, soft top-k mask and soft quantiles as JAX ops (Blondel et al. 2020).
 
-Each core is a `jax.custom_vjp` over the last axis whose forward and backward run the kernels
-of the kernel API (`sortgrad.kernels.soft_*`) through one callback per pass. Residuals: the input, the int32 sorting
-permutation and the int32 block ids of the isotonic solution (plus the output for KL ranks).
+Each core is a `jax.custom_vjp` over the last axis whose forward and backward run the kernel
+API (`sortgrad.kernels.soft_*`) through one callback per pass. Residuals: the input, the int32
+sorting permutation and the int32 block ids of the isotonic solution (plus the output for KL
+ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from ... import kernels
 from ..._validate import check_k, check_quantiles, check_regularization, check_strength
 from ._args import array_and_axis, compute_dtype
 from ._call import kernel_call, staged_call
+
+__all__ = ["soft_rank", "soft_sort", "soft_top_k_mask", "soft_quantile"]
 
 
 def _forward_specs(x):

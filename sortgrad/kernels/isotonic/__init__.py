@@ -9,6 +9,8 @@ from ..._validate import (check_index_dtype, check_regularization, check_rows, c
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
 
+__all__ = ["isotonic_regression", "isotonic_regression_vjp"]
+
 
 def _float_rows(arrays: dict, backend: str):
     """The named float arrays as rows of one compute dtype: on the CPU the widest of float32

@@ -9,6 +9,8 @@ from ..._validate import (check_index_dtype, check_int, check_ndim, check_row_le
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
 
+__all__ = ["inverse_permutation", "permutation_scatter"]
+
 
 def _index_rows(perm, name: str, n: int, backend: str):
     """`perm` as int32 rows. On the CPU entries outside [0, n) raise; device backends take

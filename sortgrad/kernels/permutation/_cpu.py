@@ -6,9 +6,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._rows import row_parallel
-
-from .._keys import key_dtype
+from .._rows import bits_dtype, row_parallel
 
 DTYPES = None  # values of any dtype move as bits (or through NumPy)
 
@@ -30,37 +28,6 @@ def _inverse_rows(perm, out):
             out[r, perm[r, i]] = i
 
 
-@row_parallel
-def _gather_rows(values, perm, out):
-    rows, m = perm.shape
-    for r in numba.prange(rows):
-        for i in range(m):
-            out[r, i] = values[r, perm[r, i]]
-
-
-def _bits_dtype(dtype):
-    """The unsigned integer dtype of the same width, or None (e.g. complex128: 16 bytes)."""
-    if dtype.itemsize not in (1, 2, 4, 8) or dtype.kind in "OV":
-        return None
-    return np.uint8 if dtype == np.bool_ else key_dtype(dtype)
-
-
-def gather_rows(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """out[r, i] = values[r, perm[r, i]] (the values' exact bits)."""
-    return gather_rows_into(values, perm, np.empty(perm.shape, dtype=values.dtype))
-
-
-def gather_rows_into(values: np.ndarray, perm: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """gather_rows writing into `out` (C-contiguous, perm's shape, values' dtype); returns it."""
-    if out.size:
-        bits = _bits_dtype(values.dtype)
-        if bits is None:
-            out[...] = np.take_along_axis(values, perm, axis=-1)
-        else:
-            _gather_rows(np.ascontiguousarray(values).view(bits), perm, out.view(bits))
-    return out
-
-
 def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int, *, out=None) -> np.ndarray:
     """out[r, perm[r, i]] = values[r, i], zeros elsewhere; out (rows, n) of values' dtype."""
     rows = perm.shape[0]
@@ -69,7 +36,7 @@ def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int, *, out=None) -> n
     else:
         out[...] = 0
     if values.size:
-        bits = _bits_dtype(values.dtype)
+        bits = bits_dtype(values.dtype)
         if bits is None:
             np.put_along_axis(out, perm, values, axis=-1)
         else:

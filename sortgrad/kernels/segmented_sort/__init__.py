@@ -6,8 +6,10 @@ import numpy as np
 
 from ..._validate import (check_index_dtype, check_key_dtype, check_ndim, check_row_length,
                           check_rows)
-from .._backends import (as_backend_array, call_rows, check_data_dtype, 
-                         output_rows, resolve_backend, rows_of, shape_of, shaped, to_host)
+from .._backends import (as_backend_array, call_rows, check_data_dtype, output_rows,
+                         resolve_backend, rows_of, shape_of, shaped, to_host)
+
+__all__ = ["segmented_sort", "segmented_argsort"]
 
 
 def _check_offsets(offsets, size: int) -> np.ndarray:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._rows import PARALLEL_MIN_ELEMENTS, map_row_chunks, row_parallel
+from .._rows import (PARALLEL_MIN_ELEMENTS, gather_rows_into, map_row_chunks,
+                     row_parallel)
 
 from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits, spec_tuple
-from ..permutation._cpu import gather_rows_into
 from ..._validate import KEY_DTYPES
 
 DTYPES = KEY_DTYPES

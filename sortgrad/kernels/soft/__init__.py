@@ -31,6 +31,9 @@ from ..._validate import (check_index_dtype, check_k, check_regularization, chec
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
 
+__all__ = ["soft_rank", "soft_rank_vjp", "soft_sort", "soft_sort_vjp", "soft_top_k_mask",
+           "soft_top_k_mask_vjp"]
+
 
 def _data(x, name: str, backend: str):
     """x as (array, rows, compute dtype): 16-bit floats computed in float32 on the CPU."""

@@ -8,6 +8,8 @@ from ..._validate import check_k, check_key_dtype, check_rows
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
 
+__all__ = ["top_k"]
+
 
 def top_k(x, k: int, *, out=None, backend: str | None = None, stream=None):
     """The k largest entries of each row (last axis), largest first.

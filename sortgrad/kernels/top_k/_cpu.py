@@ -11,11 +11,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._rows import row_parallel
 
-from .._rows import num_threads
+from .._rows import gather_rows, num_threads, row_parallel
 from .._keys import key_of, key_spec, raw_bits, spec_tuple
-from ..permutation._cpu import gather_rows
 from ..segmented_sort._cpu import argsort_rows_by_key
 from ..._validate import KEY_DTYPES
 
