@@ -57,3 +57,9 @@ if _MISSING is None:
     settings.register_profile("sortgrad", derandomize=True, database=None)
     settings.register_profile("explore", max_examples=500)
     settings.load_profile("sortgrad")
+
+    # Test machinery outside the package (tests/_emulation): make the static shared arrays of
+    # Numba's CUDA simulator thread-safe (NUMBA_ENABLE_CUDASIM is settled above; no kernel has
+    # run yet). The package itself patches nothing.
+    from _emulation import numba_simulator
+    numba_simulator.install()

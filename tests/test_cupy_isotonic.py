@@ -5,27 +5,22 @@ Two ways to run them, one set of checks:
     `isotonic_regression(cupy_array, ...)` / `isotonic_regression_vjp`, against the CPU backend
     and the float64 oracle `sortgrad.testing.reference_isotonic`;
   * without a GPU: the same .cu compiled as C++ with g++ against the host emulator
-    `sortgrad/kernels/_cuda/sortgrad_emulation.cuh` (every CUDA thread a fiber; barriers and
-    warp collectives emulated, missing barriers show up as wrong results), launched by the
-    real launch code of `_cupy.py` (plans, argument lists) with NumPy arrays as device memory.
+    (tests/_emulation: `sortgrad_emulation.cuh`, every CUDA thread a fiber; barriers and warp
+    collectives emulated, missing barriers show up as wrong results; `cuda_host.py`, the
+    runner), launched by the real launch code of `_cupy.py` (plans, argument lists) through
+    `cupy_loader`'s hooks, with NumPy arrays as device memory.
 Both cover the small (group per row, shared memory) and the large (tiled, global stack)
 kernels: a tile is 2048 entries for L2 and 1024 for KL.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _emulation import cuda_host
 
-import sortgrad.kernels._cuda as cuda_dir
 from sortgrad.kernels import isotonic_regression, isotonic_regression_vjp
 from sortgrad.kernels.isotonic import _cupy
 from sortgrad.testing import reference_isotonic, reference_isotonic_vjp
@@ -125,105 +120,20 @@ def _check_vjp(run_vjp, s, w, ids, regularization, seed=1, oracle_rows=2):
         _assert_close(grad_w[r], ref_w, dtype, "grad_w vs oracle")
 
 
-# --- host emulation -----------------------------------------------------------------------
-
-_EMULATOR = Path(cuda_dir.__file__).parent / "sortgrad_emulation.cuh"
-_SOURCE = Path(_cupy.__file__).parent / "isotonic.cu"
-
-
-def _wrapper_source() -> str:
-    lines = ['#include "isotonic.cu"', "#include <string>",
-             "template <class K>",
-             "static int run(K k, unsigned grid, unsigned block, void** args,",
-             "               const long long* sizes, const int* ptrs, int nargs) {",
-             "  long long s[32]; int p[32];",
-             "  const int c = sg_emu::describe(k, s, p, 32);",
-             "  if (c != nargs) return 2;",
-             "  for (int i = 0; i < c; ++i) if (s[i] != sizes[i] || p[i] != ptrs[i]) return 3;",
-             "  return sg_emu::launch(k, dim3(grid), dim3(block), args);",
-             "}",
-             'extern "C" const char* sg_iso_error() { return sg_emu::error().c_str(); }',
-             'extern "C" int sg_iso_launch(const char* name, unsigned grid, unsigned block,',
-             "    void** args, const long long* sizes, const int* ptrs, int nargs) {",
-             "  const std::string nm(name);"]
-    for expression in _cupy.CUDA_SOURCES["isotonic.cu"]:
-        lines.append(f'  if (nm == "{expression}") '
-                     "return run(&" + expression + ", grid, block, args, sizes, ptrs, nargs);")
-    lines += ["  return 4;", "}"]
-    return "\n".join(lines) + "\n"
-
-
-class _EmulatedKernel:
-    """A stand-in for cupy.RawKernel: NumPy arrays are device pointers, NumPy scalars values."""
-
-    def __init__(self, lib, name):
-        self.lib, self.name = lib, name
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        assert shared_mem == 0 and len(grid) == 1 and block == (_cupy.BLOCK,)
-        values, sizes, pointers = [], [], []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                assert a.flags.c_contiguous
-                values.append(ctypes.c_void_p(a.ctypes.data))
-                sizes.append(8)
-                pointers.append(1)
-            elif isinstance(a, (np.int32, np.int64)):
-                values.append((ctypes.c_int32 if isinstance(a, np.int32) else ctypes.c_int64)(
-                    int(a)))
-                sizes.append(a.itemsize)
-                pointers.append(0)
-            else:
-                raise TypeError(f"kernel argument of type {type(a).__name__}")
-        count = len(args)
-        argv = (ctypes.c_void_p * count)(*[ctypes.addressof(v) for v in values])
-        rc = self.lib.sg_iso_launch(self.name.encode(), ctypes.c_uint(grid[0]),
-                                    ctypes.c_uint(block[0]), argv,
-                                    (ctypes.c_longlong * count)(*sizes),
-                                    (ctypes.c_int * count)(*pointers), count)
-        if rc:
-            self.lib.sg_iso_error.restype = ctypes.c_char_p
-            raise RuntimeError(f"emulated {self.name} failed (rc {rc}): "
-                               f"{self.lib.sg_iso_error().decode()}")
-
-
-class _EmulatedRuntime:
-    xp = np
-
-    def __init__(self, lib, sm_count=2):
-        self.lib, self.sm_count = lib, sm_count
-
-    def kernel(self, name):
-        return _EmulatedKernel(self.lib, name)
-
+# --- host emulation (tests/_emulation/cuda_host.py) ---------------------------------------
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    compiler = shutil.which("g++")
-    if compiler is None or not _EMULATOR.exists():
-        pytest.skip("needs g++ and sortgrad_emulation.cuh")
-    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        pytest.skip("the emulator switches fibers on x86-64 and aarch64 only")
-    source = _wrapper_source()
-    out = tmp_path_factory.mktemp("isotonic_emulation")
-    cpp = out / "isotonic_emulated.cpp"
-    cpp.write_text(source)
-    digest = hashlib.sha256((source + _SOURCE.read_text()).encode()).hexdigest()[:12]
-    lib = out / f"isotonic_{digest}.so"
-    cmd = [compiler, "-std=c++17", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror", "-include", str(_EMULATOR),
-           f"-I{_EMULATOR.parent}", f"-I{_SOURCE.parent}", str(cpp), "-o", str(lib)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return _EmulatedRuntime(ctypes.CDLL(str(lib)))
+    """The emulator with isotonic.cu built; 2 SMs: 8 persistent blocks for the large kernels."""
+    return cuda_host.make_emulator(tmp_path_factory, packages=[_cupy.PACKAGE], sm_count=2)
 
 
-def _emu_run(rt):
-    return lambda s, w, reg: _cupy._isotonic_rows(rt, s, w, reg)
+def _emu_run(emu):
+    return lambda s, w, reg: emu.call(_cupy.isotonic_rows, s, w, reg)
 
 
-def _emu_run_vjp(rt):
-    return lambda g, s, w, ids, reg: _cupy._isotonic_vjp_rows(rt, g, s, w, ids, reg)
+def _emu_run_vjp(emu):
+    return lambda g, s, w, ids, reg: emu.call(_cupy.isotonic_vjp_rows, g, s, w, ids, reg)
 
 
 EMU_SIZES = [0, 1, 2, 7, 31, 32, 33, 100, 1023, 1025, 2049, 4097]
@@ -291,11 +201,32 @@ def test_emulated_nan_row_is_isolated(emu, regularization):
         s, w = _inputs(np.random.default_rng(4), 3, n, np.float64, regularization, "random",
                        False)
         s[1, n // 2] = np.nan
-        sol, ids = _cupy._isotonic_rows(emu, s, w, regularization)
+        sol, ids = emu.call(_cupy.isotonic_rows, s, w, regularization)
         cpu_sol, cpu_ids = isotonic_regression(s, w, regularization=regularization)
         for r in (0, 2):
             _assert_close(sol[r], cpu_sol[r], np.float64, "clean row")
             np.testing.assert_array_equal(ids[r], cpu_ids[r])
+
+
+@pytest.mark.parametrize("regularization", REGS)
+@pytest.mark.parametrize("n", [0, 100, 3000])  # small and large kernels
+def test_emulated_out(emu, n, regularization):
+    """`out=`: the kernels write the given arrays (pre-filled with a byte pattern) and return
+    those objects, with the results of out=None."""
+    s, w = _inputs(np.random.default_rng(8), 3, n, np.float64, regularization, "random", True)
+    g = np.random.default_rng(9).normal(size=s.shape)
+    sol, ids = emu.call(_cupy.isotonic_rows, s, w, regularization)
+    out = (cuda_host.HOST_XP.empty(s.shape, s.dtype), cuda_host.HOST_XP.empty(s.shape, np.int32))
+    got = emu.call(_cupy.isotonic_rows, s, w, regularization, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0], sol)
+    np.testing.assert_array_equal(got[1], ids)
+    grads = emu.call(_cupy.isotonic_vjp_rows, g, s, w, ids, regularization)
+    out = tuple(cuda_host.HOST_XP.empty(s.shape, s.dtype) for _ in range(2))
+    got = emu.call(_cupy.isotonic_vjp_rows, g, s, w, ids, regularization, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0], grads[0])
+    np.testing.assert_array_equal(got[1], grads[1])
 
 
 # --- GPU ----------------------------------------------------------------------------------
@@ -403,3 +334,27 @@ def test_gpu_stream_and_backend_module(cp):
         assert math.isclose(float(gs.sum()), float(g.sum()), rel_tol=1e-9)
     assert bool((s == s_before).all()) and bool((w == w_before).all())
 
+
+
+@pytest.mark.gpu
+def test_gpu_out_arrays(cp):
+    """`out=` on the device: the given CuPy arrays are written on the given stream and
+    returned, with the results of out=None."""
+    rng = np.random.default_rng(7)
+    stream = cp.cuda.Stream(non_blocking=True)
+    for n in (100, 5000):  # small and large kernels
+        s = cp.asarray(rng.normal(size=(8, n)))
+        w = cp.asarray(rng.normal(size=(1, n)))
+        g = cp.asarray(rng.normal(size=(8, n)))
+        for reg in REGS:
+            sol, ids = _cupy.isotonic_rows(s, w, reg)
+            grads = _cupy.isotonic_vjp_rows(g, s, w, ids, reg)
+            out = (cp.full(s.shape, np.nan), cp.full(s.shape, -7, dtype=np.int32))
+            got = _cupy.isotonic_rows(s, w, reg, out=out, stream=stream)
+            out_vjp = (cp.full(s.shape, np.nan), cp.full(s.shape, np.nan))
+            got_vjp = _cupy.isotonic_vjp_rows(g, s, w, ids, reg, out=out_vjp, stream=stream)
+            stream.synchronize()
+            assert got[0] is out[0] and got[1] is out[1]
+            assert got_vjp[0] is out_vjp[0] and got_vjp[1] is out_vjp[1]
+            assert bool((got[0] == sol).all()) and bool((got[1] == ids).all())
+            assert bool((got_vjp[0] == grads[0]).all()) and bool((got_vjp[1] == grads[1]).all())

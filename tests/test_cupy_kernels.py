@@ -3,11 +3,11 @@ backend: values bit for bit, permutations and indices exactly.
 
 One test body, two runners:
 - "emulator": the .cu files compiled with g++ against the host CUDA emulator
-  (sortgrad/kernels/_cuda/sortgrad_emulation.cuh: every CUDA thread a fiber, barriers and warp
-  collectives checked) and the `_cupy.py` modules run on NumPy arrays through the loader's
-  `xp` / `launch` / `stream_scope` hooks. Runs without a GPU (CI); checks the algorithms, the
-  launch arithmetic, barrier placement and the kernel argument types (sizes are checked against
-  the kernel signatures).
+  (tests/_emulation: sortgrad_emulation.cuh, every CUDA thread a fiber, barriers and warp
+  collectives checked; cuda_host.py, the runner) and the `_cupy.py` modules run on NumPy arrays
+  through the loader's `xp` / `launch` / `stream_scope` / `multiprocessor_count` hooks. Runs
+  without a GPU (CI); checks the algorithms, the launch arithmetic, barrier placement and the
+  kernel argument types (sizes are checked against the kernel signatures).
 - "gpu" (marker gpu): the same calls on CuPy arrays on a real device, plus the public API
   (`sortgrad.kernels.X(cupy_array)`), batch shapes, streams and argument errors. Skipped
   without CuPy or a CUDA device.
@@ -15,19 +15,12 @@ One test body, two runners:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from _emulation import cuda_host
 
 from sortgrad.kernels._cuda import cupy_loader
 from sortgrad.kernels.permutation import _cpu as perm_cpu
@@ -37,7 +30,7 @@ from sortgrad.kernels.segmented_sort import _cupy as sort_cupy
 from sortgrad.kernels.top_k import _cpu as topk_cpu
 from sortgrad.kernels.top_k import _cupy as topk_cupy
 
-CUDA_DIR = os.path.dirname(os.path.abspath(cupy_loader.__file__))
+PACKAGES = (sort_cupy.PACKAGE, topk_cupy.PACKAGE, perm_cupy.PACKAGE)
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
 FLOATS = ["float16", "float32", "float64"]
@@ -46,150 +39,11 @@ PAYLOAD_NANS = {"float16": (0x7E01, 0xFE03), "float32": (0x7FC00001, 0xFFC00003)
                 "float64": (0x7FF8000000000001, 0xFFF8000000000003)}
 
 
-# --- host emulator runner ---------------------------------------------------------------------
-
-class HostXP:
-    """The part of the CuPy API the op modules use, on NumPy arrays. `empty` fills new arrays
-    with a byte pattern, so an output entry a kernel forgets to write shows up."""
-
-    @staticmethod
-    def empty(shape, dtype):
-        a = np.empty(shape, dtype=dtype)
-        a.reshape(-1).view(np.uint8)[...] = 0xA5
-        return a
-
-    zeros = staticmethod(np.zeros)
-
-    @staticmethod
-    def asarray(a, dtype=None):
-        return np.array(a, dtype=dtype, copy=True)
-
-
-class EmulatedSource:
-    """One .cu file compiled for the host emulator, all its CUDA_SOURCES instantiations."""
-
-    def __init__(self, package, filename, expressions, cache_dir, code=None):
-        self.package, self.filename = package, filename
-        self.expressions = list(expressions)
-        parts = ['#include "sortgrad_emulation.cuh"',
-                 code if code is not None else cupy_loader.source_text(package, filename)]
-        for i, e in enumerate(self.expressions):
-            parts.append(
-                f'extern "C" int sg_launch_{i}(unsigned g, unsigned b, void** a) '
-                f'{{ return sg_emu::launch(&{e}, dim3(g), dim3(b), a); }}\n'
-                f'extern "C" int sg_describe_{i}(long long* s, int* p, int c) '
-                f'{{ return sg_emu::describe(&{e}, s, p, c); }}')
-        parts.append('extern "C" const char* sg_last_error() { return sg_emu::error().c_str(); }')
-        code = "\n".join(parts)
-        digest = hashlib.sha256(code.encode())
-        for name in sorted(os.listdir(CUDA_DIR)):
-            if name.endswith(".cuh"):
-                with open(os.path.join(CUDA_DIR, name), "rb") as f:
-                    digest.update(f.read())
-        self.path = os.path.join(cache_dir, f"{filename}.{digest.hexdigest()[:16]}.so")
-        self.code = code
-        self.lib = None
-
-    def build(self):
-        if not os.path.exists(self.path):
-            fd, cpp = tempfile.mkstemp(suffix=".cpp", dir=os.path.dirname(self.path))
-            with os.fdopen(fd, "w") as f:
-                f.write(self.code)
-            tmp = cpp[:-4] + ".so"
-            try:
-                subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w",
-                                f"-I{CUDA_DIR}", "-o", tmp, cpp], check=True,
-                               capture_output=True, text=True)
-                os.replace(tmp, self.path)
-            except subprocess.CalledProcessError as err:
-                raise RuntimeError(f"g++ failed for {self.path}:\n{err.stderr}") from None
-            finally:
-                os.unlink(cpp)
-        return self
-
-    def load(self):
-        self.lib = ctypes.CDLL(self.path)
-        self.lib.sg_last_error.restype = ctypes.c_char_p
-        self.params = {}
-        for i, e in enumerate(self.expressions):
-            sizes, pointers = (ctypes.c_longlong * 64)(), (ctypes.c_int * 64)()
-            count = getattr(self.lib, f"sg_describe_{i}")(sizes, pointers, 64)
-            self.params[e] = [(sizes[j], bool(pointers[j])) for j in range(count)]
-        return self
-
-    def launch(self, expression, grid, block, args):
-        params = self.params[expression]
-        assert len(args) == len(params), f"{expression}: {len(args)} args, {len(params)} params"
-        holders = []
-        for j, (arg, (size, is_pointer)) in enumerate(zip(args, params)):
-            if is_pointer:
-                assert isinstance(arg, np.ndarray), f"{expression} arg {j}: {type(arg)}"
-                holders.append(ctypes.c_void_p(arg.ctypes.data))
-            else:  # CuPy passes a NumPy scalar with its own width: it must match the parameter
-                assert isinstance(arg, np.generic) and arg.dtype.itemsize == size, (
-                    f"{expression} arg {j}: {arg!r} for a {size}-byte parameter")
-                holders.append(ctypes.create_string_buffer(arg.tobytes(), size))
-        argv = (ctypes.c_void_p * max(1, len(holders)))(
-            *[ctypes.cast(ctypes.byref(h) if isinstance(h, ctypes.c_void_p) else h,
-                          ctypes.c_void_p) for h in holders])
-        index = self.expressions.index(expression)
-        if getattr(self.lib, f"sg_launch_{index}")(ctypes.c_uint(grid), ctypes.c_uint(block),
-                                                   argv):
-            raise RuntimeError(f"{expression}: {self.lib.sg_last_error().decode()}")
-
-
-class Emulator:
-    PACKAGES = (sort_cupy.PACKAGE, topk_cupy.PACKAGE, perm_cupy.PACKAGE)
-
-    def __init__(self, cache_dir, sm_count=1):
-        sources = [EmulatedSource(package, filename, expressions, cache_dir)
-                   for package in self.PACKAGES
-                   for filename, expressions in cupy_loader._package_sources(package).items()]
-        with ThreadPoolExecutor(max_workers=2) as pool:  # g++ runs in parallel
-            list(pool.map(EmulatedSource.build, sources))
-        self.sources = {(s.package, s.filename): s.load() for s in sources}
-        self.sm_count = sm_count
-
-    def launch(self, package, filename, expression, grid, block, args, shared_mem=0):
-        assert shared_mem == 0 and 0 < grid < 2**31 and 0 < block <= 1024, (grid, block)
-        self.sources[(package, filename)].launch(expression, int(grid), int(block), args)
-
-    @contextlib.contextmanager
-    def installed(self):
-        hooks = ("xp", "launch", "stream_scope", "multiprocessor_count")
-        saved = {name: getattr(cupy_loader, name) for name in hooks}
-        cupy_loader.xp = lambda: HostXP
-        cupy_loader.launch = self.launch
-        cupy_loader.stream_scope = lambda stream, like=None: contextlib.nullcontext()
-        cupy_loader.multiprocessor_count = lambda: self.sm_count
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                setattr(cupy_loader, name, value)
-
-
-def _emulator_unavailable() -> str | None:
-    if shutil.which("g++") is None:
-        return "needs g++"
-    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        return "the emulator's context switch supports x86-64 and aarch64"
-    return None
-
+# --- host emulator runner (tests/_emulation/cuda_host.py) ------------------------------------
 
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory):
-    reason = _emulator_unavailable()
-    if reason:
-        pytest.skip(reason)
-    # compiled libraries are cached by content hash (set SORTGRAD_EMULATOR_CACHE to move them)
-    cache = os.environ.get("SORTGRAD_EMULATOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sortgrad-emulator")
-    try:
-        os.makedirs(cache, exist_ok=True)
-    except OSError:
-        cache = str(tmp_path_factory.mktemp("sortgrad-emulator"))
-    return Emulator(cache)
+    return cuda_host.make_emulator(tmp_path_factory, packages=PACKAGES)
 
 
 # --- GPU runner -------------------------------------------------------------------------------
@@ -224,17 +78,35 @@ class Runner:
 
     def __call__(self, fn, *args, host_args=()):
         """fn(*args); NumPy arguments go to the device except those at positions host_args."""
-        if self.kind == "emulator":
-            with self.emulator.installed():
-                return fn(*args)
-        cp = self.cupy
-        out = fn(*[cp.asarray(a) if isinstance(a, np.ndarray) and i not in host_args else a
-                   for i, a in enumerate(args)])
+        out = self.call(fn, *[self.device(a) if isinstance(a, np.ndarray) and i not in host_args
+                              else a for i, a in enumerate(args)])
         outs = out if isinstance(out, tuple) else (out,)
-        for o in outs:
-            assert isinstance(o, cp.ndarray), type(o)
-        host = tuple(o.get() for o in outs)
+        host = tuple(self.host(o) for o in outs)
         return host if isinstance(out, tuple) else host[0]
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on device arrays (NumPy arrays on the emulator)."""
+        if self.kind == "emulator":
+            return self.emulator.call(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def device(self, a):
+        return np.array(a) if self.kind == "emulator" else self.cupy.asarray(a)
+
+    def host(self, a):
+        if self.kind == "emulator":
+            assert isinstance(a, np.ndarray), type(a)
+            return a
+        assert isinstance(a, self.cupy.ndarray), type(a)
+        return a.get()
+
+    def empty(self, shape, dtype):
+        """A device array filled with the byte 0xA5 (unwritten entries show up)."""
+        if self.kind == "emulator":
+            return cuda_host.HOST_XP.empty(shape, dtype)
+        a = self.cupy.empty(shape, dtype)
+        a.reshape(-1).view(self.cupy.uint8).fill(0xA5)
+        return a
 
 
 @pytest.fixture(params=["emulator", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -450,6 +322,70 @@ def test_inverse_rows(run, n):
         assert inv.dtype == np.int32
 
 
+# --- out= (the row-function protocol): results written into given arrays -----------------------
+
+def _check_out(run, fn, *args, host_args=(), **kwargs):
+    """fn(*args, out=given) writes the given device arrays (pre-filled with a byte pattern) and
+    returns those objects; the results are bit-identical to fn(*args) (out=None)."""
+    dev = [run.device(a) if isinstance(a, np.ndarray) and i not in host_args else a
+           for i, a in enumerate(args)]
+    fresh = run.call(fn, *dev, **kwargs)
+    single = not isinstance(fresh, tuple)
+    fresh = (fresh,) if single else fresh
+    given = tuple(run.empty(f.shape, f.dtype) for f in fresh)
+    got = run.call(fn, *dev, out=given[0] if single else given, **kwargs)
+    got = (got,) if single else got
+    assert isinstance(got, tuple) and len(got) == len(given)
+    for g, o, f in zip(got, given, fresh):
+        assert g is o, "the function must return the arrays given in out"
+        assert_same_bits(run.host(g), run.host(f))
+
+
+@pytest.mark.parametrize("shape", [(3, 33), (2, 0), (1, 4097)])
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+def test_out_sort_rows(run, shape, descending):
+    x = make_keys(np.random.default_rng(_seed("out-sort", shape)), shape, "float32", "special")
+    _check_out(run, sort_cupy.sort_rows, x, descending)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "none"])
+def test_out_sort_segments(run, layout):
+    rng = np.random.default_rng(_seed("out-ragged", layout))
+    offsets = np.concatenate([[0], np.cumsum(RAGGED[layout], dtype=np.int64)]).astype(np.int64)
+    x = make_keys(rng, (int(offsets[-1]) + 5,), "float16", "special")
+    _check_out(run, sort_cupy.sort_segments, x, offsets, True, host_args=(1,))
+
+
+@pytest.mark.parametrize("shape,k", [((2, 100), 100), ((2, 1500), 5), ((2, 1500), 100),
+                                     ((1, 4097), 2049), ((3, 40), 0),
+                                     ((1, 3 * topk_cupy.MIN_CHUNK + 5), 7)])
+def test_out_top_k_rows(run, shape, k):
+    x = make_keys(np.random.default_rng(_seed("out-topk", shape, k)), shape, "float64", "ties")
+    _check_out(run, topk_cupy.top_k_rows, x, k)
+
+
+@pytest.mark.parametrize("n", [0, 33, 9000])  # 9000 float32: the direct kernel (zeroes out)
+def test_out_permutations(run, n):
+    rng = np.random.default_rng(_seed("out-perm", n))
+    perm = _random_perm(rng, 3, n, n)
+    _check_out(run, perm_cupy.inverse_rows, perm)
+    part = _random_perm(rng, 3, n // 2, n)
+    values = rng.standard_normal((3, n // 2)).astype(np.float32)
+    _check_out(run, perm_cupy.scatter_rows, values, part, n)
+
+
+def test_row_functions_take_out_and_stream_by_keyword():
+    import inspect
+    from sortgrad.kernels.isotonic import _cupy as iso_cupy
+    for fn in (sort_cupy.sort_rows, sort_cupy.sort_segments, topk_cupy.top_k_rows,
+               perm_cupy.inverse_rows, perm_cupy.scatter_rows, iso_cupy.isotonic_rows,
+               iso_cupy.isotonic_vjp_rows):
+        params = inspect.signature(fn).parameters
+        for name in ("out", "stream"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__name__, name)
+            assert params[name].default is None
+
+
 def test_row_batches(emulator, monkeypatch):
     """Launches of at most MAX_ROWS_PER_LAUNCH rows (int32 row numbers in the kernels)."""
     monkeypatch.setattr(sort_cupy, "MAX_ROWS_PER_LAUNCH", 4)
@@ -490,7 +426,8 @@ __global__ void mixed_barriers(int* out) {
 def test_emulator_checks_barriers(emulator, tmp_path):
     """The emulator runs correct code and rejects barriers that not every thread reaches."""
     names = ["good", "divergent_barrier", "shuffle_after_exit", "mixed_barriers"]
-    source = EmulatedSource("checks", "checks.cu", names, str(tmp_path), code=EMULATOR_CHECKS)
+    source = cuda_host.EmulatedSource("checks", "checks.cu", names, str(tmp_path),
+                                      code=EMULATOR_CHECKS)
     source.build().load()
     out = np.zeros(64, np.int32)
     source.launch("good", 1, 64, (out,))

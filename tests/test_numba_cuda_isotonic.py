@@ -16,12 +16,15 @@ import textwrap
 
 import numpy as np
 import pytest
+from _emulation import numba_simulator
 from numba import cuda
 
 from sortgrad.kernels import isotonic_regression, isotonic_regression_vjp
 from sortgrad.kernels._cuda import numba_support as ns
 from sortgrad.testing import (finite_difference_jacobian, reference_isotonic,
                               reference_isotonic_vjp)
+
+numba_simulator.install()  # conftest installs it for the whole run; idempotent
 
 pytestmark = [
     pytest.mark.skipif(not cuda.is_available(), reason="needs Numba CUDA or its simulator"),
@@ -319,6 +322,35 @@ def test_vjp_kl_is_max_shifted(small):
     _, blocks = _device_rows(s, w, "kl")
     gs, gw = _device_vjp(np.array([[1.0, 2.0, 3.0]]), s, w, blocks, "kl")
     assert np.all(np.isfinite(gs)) and np.all(np.isfinite(gw))
+
+
+def _patterned(shape, dtype):
+    """A device array filled with the byte 0xA5 (entries a kernel does not write show up)."""
+    host = np.empty(shape, dtype)
+    host.reshape(-1).view(np.uint8)[...] = 0xA5
+    return cuda.to_device(host)
+
+
+@pytest.mark.parametrize("regularization", REGS)
+@pytest.mark.parametrize("n", [0, 33])
+def test_out_arrays_are_written_and_returned(launch, regularization, n):
+    """`out=`: the kernels write the given arrays and return those objects, with the results of
+    out=None (shared and global work arrays)."""
+    s, w = _inputs(np.random.default_rng(n + 40), (3, n), np.float64, regularization)
+    g = np.random.default_rng(n + 41).normal(size=s.shape)
+    ds, dw, dg = cuda.to_device(s), cuda.to_device(w), cuda.to_device(g)
+    sol, blocks = nc.isotonic_rows(ds, dw, regularization)
+    out = (_patterned(s.shape, np.float64), _patterned(s.shape, np.int32))
+    got = nc.isotonic_rows(ds, dw, regularization, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0].copy_to_host(), sol.copy_to_host())
+    np.testing.assert_array_equal(got[1].copy_to_host(), blocks.copy_to_host())
+    gs, gw = nc.isotonic_vjp_rows(dg, ds, dw, blocks, regularization)
+    out = (_patterned(s.shape, np.float64), _patterned(s.shape, np.float64))
+    got = nc.isotonic_vjp_rows(dg, ds, dw, blocks, regularization, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0].copy_to_host(), gs.copy_to_host())
+    np.testing.assert_array_equal(got[1].copy_to_host(), gw.copy_to_host())
 
 
 # --- through the public kernel API --------------------------------------------------------------

@@ -17,6 +17,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
+from _emulation import numba_simulator
 from numba import cuda
 
 from sortgrad import kernels
@@ -27,6 +28,7 @@ from sortgrad.kernels.top_k import _numba_cuda as topk_nb
 from sortgrad.testing import reference_segmented_sort, reference_sort_rows, reference_top_k
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
+numba_simulator.install()  # conftest installs it for the whole run; idempotent
 pytestmark = [
     pytest.mark.skipif(not cuda.is_available(), reason="needs a CUDA GPU or Numba's simulator"),
     pytest.mark.cudasim if SIM else pytest.mark.gpu,
@@ -169,7 +171,8 @@ def test_simulator_shared_arrays_are_one_per_block_and_call_site(monkeypatch):
         time.sleep(1e-3)
         return np.empty(shape, dtype)
 
-    monkeypatch.setattr(ns, "_new_simulator_shared_array", slow_empty)
+    assert numba_simulator.installed()
+    monkeypatch.setattr(numba_simulator, "_new_shared_array", slow_empty)
     out = np.zeros((3, 64, 2), np.int32)
     _shared_identity_kernel[3, 64](out)
     nxt = (np.arange(64) + 1) % 64
@@ -364,6 +367,74 @@ def test_out_of_range_entries_are_skipped(n):
     np.testing.assert_array_equal(inv[1], [1, 0, 2, 3])
 
 
+# --- out= (the row-function protocol): results written into given arrays -----------------------
+
+def _patterned(shape, dtype):
+    """A device array filled with the byte 0xA5 (entries a kernel does not write show up)."""
+    host = np.empty(tuple(shape), np.dtype(dtype))
+    host.reshape(-1).view(np.uint8)[...] = 0xA5
+    return cuda.to_device(host)
+
+
+def _check_out(fn, *args, **kwargs):
+    """fn(*args, out=given) writes the given device arrays and returns those objects; the results
+    are bit-identical to fn(*args) (out=None)."""
+    fresh = fn(*args, **kwargs)
+    single = not isinstance(fresh, tuple)
+    fresh = (fresh,) if single else fresh
+    given = tuple(_patterned(f.shape, f.dtype) for f in fresh)
+    got = fn(*args, out=given[0] if single else given, **kwargs)
+    got = (got,) if single else got
+    assert isinstance(got, tuple) and len(got) == len(given)
+    for g, o, f in zip(got, given, fresh):
+        assert g is o, "the function must return the arrays given in out"
+        assert_same_bits(_host(g), _host(f))
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (3, 5), (2, 70)], ids=str)
+def test_out_sort_rows(shape):
+    x = cuda.to_device(_data(shape, "float32", np.random.default_rng(21)))
+    for descending in (False, True):
+        _check_out(sort_nb.sort_rows, x, descending)
+
+
+def test_out_sort_segments():
+    x = cuda.to_device(_data((200,), "float16", np.random.default_rng(22)))
+    _check_out(sort_nb.sort_segments, x, np.array(SEGMENT_CASES["mixed"], np.int64), True)
+    _check_out(sort_nb.sort_segments, cuda.to_device(np.zeros(0, np.float32)),
+               np.array([0], np.int64), False)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 5), 1), ((1, 40), 7), ((1, 40), 9), ((2, 31), 0)],
+                         ids=str)
+def test_out_top_k_rows(shape, k):  # one block per row, split rows, the sort path, k = 0
+    x = cuda.to_device(_data(shape, "float64", np.random.default_rng(23)))
+    _check_out(topk_nb.top_k_rows, x, k)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (3, 5), (2, 17), (1, 33)], ids=str)
+def test_out_permutations(shape):  # staged (n <= 16 entries) and direct (zeroes out first)
+    rows, n = shape
+    rng = np.random.default_rng(n + 24)
+    perm = np.array([rng.permutation(n) for _ in range(rows)], np.int32).reshape(shape)
+    _check_out(perm_nb.inverse_rows, cuda.to_device(perm))
+    part = np.ascontiguousarray(perm[:, : n // 2])
+    values = _data(part.shape, "float32", rng)
+    _check_out(perm_nb.scatter_rows, cuda.to_device(values), cuda.to_device(part), n)
+
+
+def test_row_functions_take_out_and_stream_by_keyword():
+    import inspect
+    from sortgrad.kernels.isotonic import _numba_cuda as iso_nb
+    for fn in (sort_nb.sort_rows, sort_nb.sort_segments, topk_nb.top_k_rows,
+               perm_nb.inverse_rows, perm_nb.scatter_rows, iso_nb.isotonic_rows,
+               iso_nb.isotonic_vjp_rows):
+        params = inspect.signature(fn).parameters
+        for name in ("out", "stream"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__name__, name)
+            assert params[name].default is None
+
+
 # --- the public API with backend="numba" --------------------------------------------------------
 
 def test_public_api_on_numba_device_arrays():
@@ -433,9 +504,9 @@ def test_bad_launches_are_refused():
         kernels.segmented_sort(np.arange(4.0), backend="numba")
     with pytest.raises(TypeError, match="host array"):
         kernels.top_k(np.arange(4.0), 1, backend="numba")
-    with pytest.raises(TypeError, match="dtype complex64"):
+    with pytest.raises(TypeError, match="complex64"):
         kernels.segmented_sort(cuda.to_device(np.zeros(4, np.complex64)), backend="numba")
-    with pytest.raises(TypeError, match="dtype complex64"):
+    with pytest.raises(TypeError, match="complex64"):
         kernels.top_k(cuda.to_device(np.zeros(4, np.complex64)), 1, backend="numba")
     with pytest.raises(TypeError, match="perm must be int32"):
         kernels.inverse_permutation(cuda.to_device(np.arange(4)), backend="numba")

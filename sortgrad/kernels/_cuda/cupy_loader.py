@@ -13,8 +13,10 @@ Contract (shared by every op's `_cupy.py` and by tests/test_cuda_compile.py):
   the architecture, `-Werror=all-warnings` and the options CuPy itself appends,
   `CUPY_IMPLICIT_OPTIONS`);
 - `xp()`, `stream_scope(stream, like)`, `launch(...)` and `multiprocessor_count()` are the only
-  ways the segmented-sort, top-k and permutation modules reach CuPy, so their tests can swap
-  them for the host emulator (tests/test_cupy_kernels.py).
+  ways every op's `_cupy.py` reaches CuPy (one stream coercer, one launch path), so the tests
+  can swap them for the host emulator (tests/_emulation/cuda_host.py, not shipped);
+- the op packages are those of `sortgrad.kernels._backends.REGISTRY` with a "cupy" module
+  (`OP_PACKAGES`); a package whose `_cupy.py` does not exist yet is skipped.
 
 Headers: the shared `.cuh` files live next to this module (`#include "sortgrad_common.cuh"`);
 CUB/Thrust/libcu++ come from the CCCL copy bundled with CuPy (found without importing CuPy,
@@ -37,8 +39,12 @@ import importlib.util
 import os
 import threading
 
-OP_PACKAGES = tuple(f"sortgrad.kernels.{op}"
-                    for op in ("segmented_sort", "top_k", "permutation", "isotonic"))
+from .. import _backends
+
+# package -> module name of its CuPy backend, for every op of the registry that has one
+_CUPY_MODULES = {f"sortgrad.kernels.{op}": _backends.module_name(op, "cupy")
+                 for op, backends in _backends.REGISTRY.items() if "cupy" in backends}
+OP_PACKAGES = tuple(_CUPY_MODULES)
 
 # Options CuPy's RawModule appends to ours when it calls NVRTC (CuPy 13/14): the compile test
 # adds them too, so it compiles what a GPU run compiles. CuPy also adds -arch and, with
@@ -125,12 +131,13 @@ def get_module(package: str, filename: str, name_expressions):
 
 
 def _package_sources(package: str) -> dict | None:
-    """CUDA_SOURCES of `<package>._cupy`, or None when the package has no CuPy module yet."""
-    name = f"{package}._cupy"
+    """CUDA_SOURCES of the package's CuPy module (`<package>._cupy`, or the registry's name for
+    it), or None when the package has no CuPy module yet. Other import errors propagate."""
+    name = _CUPY_MODULES.get(package, f"{package}._cupy")
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name == name:
+        if err.name is not None and name.startswith(err.name):  # the module or its package
             return None
         raise
     return dict(module.CUDA_SOURCES)

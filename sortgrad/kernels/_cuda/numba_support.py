@@ -3,16 +3,16 @@
 Stable API (the backend modules of every op import these names; do not rename):
 
 Arrays and streams
-- `SIMULATOR`: True when Numba runs its CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`). Importing
-  this module then makes the simulator's static `cuda.shared.array` allocation thread-safe
-  (`_make_simulator_shared_arrays_thread_safe`): the simulator looks the block's array up and
-  creates it in two steps, so two threads switched between them got two different "shared"
-  arrays and a kernel silently computed on private copies.
+- `SIMULATOR`: True when Numba runs its CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`). This module
+  patches nothing: the tests make the simulator's static `cuda.shared.array` thread-safe
+  themselves (tests/_emulation/numba_simulator.py, called from tests/conftest.py).
 - `as_device(x) -> (array, kind)`: a Numba device array for a Numba device array (kind
   "numba"), a CuPy array (kind "cupy") or any `__cuda_array_interface__` object (kind "cuda").
   Zero-copy and without synchronisation (the interface's stream is not waited on).
 - `like_input(result, kind)`: a result (Numba device array) as the input's kind: CuPy arrays
   for "cupy" (zero-copy), Numba device arrays otherwise.
+- `out_views(out)`: Numba views of the result arrays given in a row function's `out=` tuple
+  (any device array kind, zero-copy): the kernels write them, the given objects are returned.
 - `resolve_stream(stream, x=None)`: the Numba stream to launch on. None -> CuPy's current stream
   when `x` is a CuPy array, else Numba's default stream; also takes Numba streams, CuPy streams
   (`.ptr`), objects with `__cuda_stream__` and raw integer handles. The simulator returns 0.
@@ -81,56 +81,6 @@ FULL_MASK = 0xFFFFFFFF
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _new_simulator_shared_array(shape, dtype):
-    """Storage of one simulated static shared array (a seam for the thread-safety test)."""
-    return np.empty(shape, dtype)
-
-
-def _make_simulator_shared_arrays_thread_safe() -> None:
-    """Replaces the simulator's `FakeCUDAShared.array` by one whose lookup-or-create of a
-    static shared array is atomic.
-
-    The simulator runs a block's threads as Python threads and identifies a static shared array
-    by the (file, line) of its `cuda.shared.array` call; it checks its dict of allocations and
-    inserts a new array in two steps, so a thread switch between them (likely with a short
-    `sys.setswitchinterval`, as the tests use) gave two threads different arrays. Same key, same
-    semantics otherwise; dynamic shared memory (shape 0) is delegated unchanged.
-    """
-    import sys
-    import threading
-    import traceback
-
-    from numba.core import types
-    from numba.cuda.simulator import kernelapi
-    from numba.np import numpy_support
-
-    shared_class = kernelapi.FakeCUDAShared
-    if getattr(shared_class.array, "_sortgrad_thread_safe", False):
-        return
-    original = shared_class.array
-    lock = threading.Lock()
-
-    def array(self, shape, dtype):
-        if shape == 0:
-            return original(self, shape, dtype)
-        if isinstance(dtype, types.Type):
-            dtype = numpy_support.as_dtype(dtype)
-        caller = traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2]
-        with lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                res = _new_simulator_shared_array(shape, dtype)
-                self._allocations[caller] = res
-        return res
-
-    array._sortgrad_thread_safe = True
-    shared_class.array = array
-
-
-if SIMULATOR:
-    _make_simulator_shared_arrays_thread_safe()
-
-
 # --- arrays and streams ------------------------------------------------------------------------
 
 def _kind(x) -> str:
@@ -166,6 +116,12 @@ def like_input(result, kind: str):
         import cupy
         return cupy.asarray(result)  # zero-copy; the view keeps `result` (and its owner) alive
     return result
+
+
+def out_views(out):
+    """Numba device views (zero-copy) of the result arrays a caller gave in `out` (a tuple):
+    what the kernels write; the row function returns the given objects themselves."""
+    return tuple(as_device(o)[0] for o in out)
 
 
 def _cupy_current_stream_ptr() -> int:

@@ -2,7 +2,8 @@
 // (key, index) items, warp shuffles of items and block-wide scans.
 //
 // No system or toolkit headers: NVRTC compiles this with nothing but CuPy's bundled CCCL on the
-// include path, and the host emulator (sortgrad_emulation.cuh) compiles it as plain C++.
+// include path, and the tests' host emulator (tests/_emulation/sortgrad_emulation.cuh, not
+// shipped) compiles it as plain C++ with SG_HOST_EMULATION defined.
 // 16-bit floats are handled as raw bits (no cuda_fp16.h).
 //
 // Keys (see sortgrad/kernels/_keys.py, the CPU reference): unsigned comparison of the key gives

@@ -15,8 +15,10 @@ time, tiles of BLOCK * ITEMS entries swept in order, a persistent grid of at mos
 `BLOCKS_PER_SM` blocks per SM and a global scratch buffer of n entries per block).
 
 Everything is launched on `stream` (None: CuPy's current stream) and nothing synchronises with
-the host: outputs and scratch are allocated from CuPy's pool on that stream, and the launch
-plan needs only shapes and the device's SM count (read once per device and cached).
+the host: outputs (unless given in `out`) and scratch are allocated from CuPy's pool on that
+stream, and the launch plan needs only shapes and the device's SM count (read once per device
+and cached). CuPy is reached only through `cupy_loader` (`xp`, `stream_scope`, `launch`,
+`multiprocessor_count`), so the tests run this module on the host emulator.
 
 This module imports without CuPy (the compile test reads CUDA_SOURCES); CuPy is imported when
 a kernel runs.
@@ -24,11 +26,12 @@ a kernel runs.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import numpy as np
 
+from .._cuda import cupy_loader as _loader
+
+PACKAGE = "sortgrad.kernels.isotonic"
+SOURCE = "isotonic.cu"
 DTYPES = ("float32", "float64")
 
 # Mirrors of the constants of isotonic.cu (static_asserts there pin the byte sizes).
@@ -49,9 +52,9 @@ def _expression(kernel: str, dtype: str, regularization: str) -> str:
 
 
 CUDA_SOURCES = {
-    "isotonic.cu": tuple(_expression(kernel, dtype, reg)
-                         for kernel in ("fwd_small", "fwd_large", "vjp_small", "vjp_large")
-                         for dtype in DTYPES for reg in ("l2", "kl")),
+    SOURCE: tuple(_expression(kernel, dtype, reg)
+                  for kernel in ("fwd_small", "fwd_large", "vjp_small", "vjp_large")
+                  for dtype in DTYPES for reg in ("l2", "kl")),
 }
 
 
@@ -69,68 +72,65 @@ def plan(rows: int, n: int, regularization: str, sm_count: int, entry_bytes: int
     return "large", blocks, blocks
 
 
-# --- CuPy plumbing ------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _kernel_on(device_id: int, name: str):
-    from .._cuda import cupy_loader
-    return cupy_loader.get_kernel(__package__, "isotonic.cu", name)
-
-
-def _kernel(name: str):
-    import cupy
-    return _kernel_on(cupy.cuda.runtime.getDevice(), name)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_id: int) -> int:
-    import cupy
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-
-
-def _stream_context(stream):
-    """A context that makes `stream` CuPy's current stream: None (keep the current one), a CuPy
-    stream, an object with a `ptr` or `handle` (e.g. a Numba stream), or a raw cudaStream_t."""
-    if stream is None:
-        return contextlib.nullcontext()
-    import cupy
-    if isinstance(stream, cupy.cuda.Stream) or isinstance(stream, cupy.cuda.ExternalStream):
-        return stream
-    for attr in ("ptr", "handle"):
-        ptr = getattr(stream, attr, None)
-        if ptr is not None:
-            stream = getattr(ptr, "value", ptr)  # ctypes handles
-            break
-    return cupy.cuda.ExternalStream(int(stream))
-
-
-class _CupyRuntime:
-    """What the launch code needs from CuPy (the tests substitute a host emulation)."""
-
-    def __init__(self):
-        import cupy
-        self.xp = cupy
-        self.sm_count = _sm_count(cupy.cuda.runtime.getDevice())
-
-    @staticmethod
-    def kernel(name: str):
-        return _kernel(name)
-
-
 # --- the backend functions ----------------------------------------------------------------
 
-def isotonic_rows(s, w, regularization: str, stream=None):
+def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
     """s (rows, n), w (rows, n) or (1, n) of s's dtype (float32/float64, C-contiguous CuPy
-    arrays) -> (solution of s's dtype, int32 block ids), both (rows, n)."""
-    with _stream_context(stream):
-        return _isotonic_rows(_CupyRuntime(), s, w, regularization)
+    arrays) -> (solution of s's dtype, int32 block ids), both (rows, n). `out`: those two
+    arrays to write (returned); the kernels write them directly."""
+    _check_regularization(regularization)
+    xp = _loader.xp()
+    rows, n = (int(d) for d in s.shape)
+    dtype = _dtype_name(s)
+    with _loader.stream_scope(stream, like=s):
+        if out is None:
+            out = (xp.empty((rows, n), dtype=s.dtype), xp.empty((rows, n), dtype=np.int32))
+        solution, block_ids = out
+        if rows == 0 or n == 0:
+            return solution, block_ids
+        _check_rows(rows)
+        entry = _FWD_ACC_BYTES[regularization]
+        kind, grid, extra = plan(rows, n, regularization, _loader.multiprocessor_count(), entry)
+        common = (s, w, _w_stride(w, rows, n), solution, block_ids)
+        if kind == "small":
+            args = common + (np.int32(rows), np.int32(n), np.int32(extra))
+        else:
+            scratch = xp.empty((extra * n * entry // 8,), dtype=np.float64)
+            args = common + (scratch, np.int32(rows), np.int32(n))
+        _launch(f"fwd_{kind}", dtype, regularization, grid, args)
+    return solution, block_ids
 
 
-def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
+def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, *, out=None, stream=None):
     """VJP of `isotonic_rows`: g, s (rows, n), w (rows or 1, n), block_ids int32 (rows, n) ->
-    (grad_s, grad_w), both (rows, n) of g's dtype. s and w are read only for "kl"."""
-    with _stream_context(stream):
-        return _isotonic_vjp_rows(_CupyRuntime(), g, s, w, block_ids, regularization)
+    (grad_s, grad_w), both (rows, n) of g's dtype. s and w are read only for "kl". `out`:
+    (grad_s, grad_w) to write (returned); the kernels write them directly."""
+    _check_regularization(regularization)
+    xp = _loader.xp()
+    rows, n = (int(d) for d in g.shape)
+    dtype = _dtype_name(g)
+    with _loader.stream_scope(stream, like=g):
+        if out is None:
+            out = (xp.empty((rows, n), dtype=g.dtype), xp.empty((rows, n), dtype=g.dtype))
+        grad_s, grad_w = out
+        if rows == 0 or n == 0:
+            return grad_s, grad_w
+        _check_rows(rows)
+        entry = _VJP_TOTAL_BYTES[regularization]
+        kind, grid, extra = plan(rows, n, regularization, _loader.multiprocessor_count(), entry)
+        common = (g, s, w, _w_stride(w, rows, n), block_ids, grad_s, grad_w)
+        if kind == "small":
+            args = common + (np.int32(rows), np.int32(n), np.int32(extra))
+        else:
+            scratch = xp.empty((extra * n * entry // 8,), dtype=np.float64)
+            args = common + (scratch, np.int32(rows), np.int32(n))
+        _launch(f"vjp_{kind}", dtype, regularization, grid, args)
+    return grad_s, grad_w
+
+
+def _launch(kernel: str, dtype: str, regularization: str, grid: int, args) -> None:
+    _loader.launch(PACKAGE, SOURCE, _expression(kernel, dtype, regularization), grid, BLOCK,
+                   args)
 
 
 def _check_regularization(regularization: str) -> None:
@@ -148,50 +148,6 @@ def _dtype_name(a) -> str:
     if name not in DTYPES:
         raise TypeError(f"isotonic kernels take {', '.join(DTYPES)}, got {name}")
     return name
-
-
-def _isotonic_rows(rt, s, w, regularization: str):
-    _check_regularization(regularization)
-    xp = rt.xp
-    rows, n = (int(d) for d in s.shape)
-    dtype = _dtype_name(s)
-    solution = xp.empty((rows, n), dtype=s.dtype)
-    block_ids = xp.empty((rows, n), dtype=np.int32)
-    if rows == 0 or n == 0:
-        return solution, block_ids
-    _check_rows(rows)
-    entry = _FWD_ACC_BYTES[regularization]
-    kind, grid, extra = plan(rows, n, regularization, rt.sm_count, entry)
-    common = (s, w, _w_stride(w, rows, n), solution, block_ids)
-    if kind == "small":
-        args = common + (np.int32(rows), np.int32(n), np.int32(extra))
-    else:
-        scratch = xp.empty((extra * n * entry // 8,), dtype=np.float64)
-        args = common + (scratch, np.int32(rows), np.int32(n))
-    rt.kernel(_expression(f"fwd_{kind}", dtype, regularization))((grid,), (BLOCK,), args)
-    return solution, block_ids
-
-
-def _isotonic_vjp_rows(rt, g, s, w, block_ids, regularization: str):
-    _check_regularization(regularization)
-    xp = rt.xp
-    rows, n = (int(d) for d in g.shape)
-    dtype = _dtype_name(g)
-    grad_s = xp.empty((rows, n), dtype=g.dtype)
-    grad_w = xp.empty((rows, n), dtype=g.dtype)
-    if rows == 0 or n == 0:
-        return grad_s, grad_w
-    _check_rows(rows)
-    entry = _VJP_TOTAL_BYTES[regularization]
-    kind, grid, extra = plan(rows, n, regularization, rt.sm_count, entry)
-    common = (g, s, w, _w_stride(w, rows, n), block_ids, grad_s, grad_w)
-    if kind == "small":
-        args = common + (np.int32(rows), np.int32(n), np.int32(extra))
-    else:
-        scratch = xp.empty((extra * n * entry // 8,), dtype=np.float64)
-        args = common + (scratch, np.int32(rows), np.int32(n))
-    rt.kernel(_expression(f"vjp_{kind}", dtype, regularization))((grid,), (BLOCK,), args)
-    return grad_s, grad_w
 
 
 def _check_rows(rows: int) -> None:

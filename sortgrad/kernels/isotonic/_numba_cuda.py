@@ -49,8 +49,8 @@ barrier per step (a group may be narrower or wider than a warp, and the same cod
 simulator, which has no shuffles).
 
 Streams: every kernel is launched on `stream` (None: the current stream of the input's
-library, see `numba_support.resolve_stream`) and nothing synchronises. Outputs and scratch
-come from `numba_support.empty` (CuPy's pool for CuPy input).
+library, see `numba_support.resolve_stream`) and nothing synchronises. Outputs (unless given
+in `out`) and scratch come from `numba_support.empty` (CuPy's pool for CuPy input).
 """
 
 from __future__ import annotations
@@ -634,21 +634,30 @@ def _grid_and_scratch(shared: bool, entry: tuple, rows: int, n: int, r: int, kin
 
 # --- the backend interface -----------------------------------------------------------------
 
-def isotonic_rows(s, w, regularization: str, stream=None):
+def _outputs(out, shape, dtypes, kind):
+    """(Numba arrays to write, the pair to return): `out` as given, or new arrays of the
+    input's kind."""
+    if out is not None:
+        return ns.out_views(out), tuple(out)
+    new = tuple(ns.empty(shape, dtype, kind) for dtype in dtypes)
+    return new, tuple(ns.like_input(a, kind) for a in new)
+
+
+def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
     """Decreasing isotonic regression of each row, as `_cpu.isotonic_rows`.
 
     s: C-contiguous (rows, n) float32/float64 device array; w: s's dtype, (rows, n) or (1, n)
     shared by every row; regularization "l2" or "kl". Returns (solution of s's dtype, int32
-    block ids numbering the pooled runs 0, 1, ... from the left), new device arrays of s's
-    kind, computed on `stream` without synchronising.
+    block ids numbering the pooled runs 0, 1, ... from the left): the arrays given in `out`
+    (written directly by the kernel) or new device arrays of s's kind, computed on `stream`
+    without synchronising.
     """
     s_dev, kind = ns.as_device(s)
     w_dev, _ = ns.as_device(w)
     rows, n = (int(d) for d in s_dev.shape)
     dtype = np.dtype(s_dev.dtype)
     stream = ns.resolve_stream(stream, s)
-    sol = ns.empty((rows, n), dtype, kind)
-    blk = ns.empty((rows, n), np.int32, kind)
+    (sol, blk), result = _outputs(out, (rows, n), (dtype, np.int32), kind)
     if rows and n:
         floats = _FWD_FLOATS[regularization]
         scan_floats = 4 if regularization == "kl" else 1
@@ -657,13 +666,13 @@ def isotonic_rows(s, w, regularization: str, stream=None):
         grid, (fa, ia) = _grid_and_scratch(shared, (floats, _FWD_INTS), rows, n, r, kind)
         kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
                                     int(w_dev.shape[0]) == 1, fa, ia)
-    return ns.like_input(sol, kind), ns.like_input(blk, kind)
+    return result
 
 
-def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
+def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, *, out=None, stream=None):
     """VJP of `isotonic_rows`, as `_cpu.isotonic_vjp_rows`: (grad_s, grad_w), both (rows, n)
-    of g's dtype. Blocks are the maximal runs of equal `block_ids` (s and w are read for KL
-    only)."""
+    of g's dtype (the arrays given in `out`, written directly, or new ones). Blocks are the
+    maximal runs of equal `block_ids` (s and w are read for KL only)."""
     g_dev, kind = ns.as_device(g)
     s_dev, _ = ns.as_device(s)
     w_dev, _ = ns.as_device(w)
@@ -671,8 +680,7 @@ def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
     rows, n = (int(d) for d in g_dev.shape)
     dtype = np.dtype(g_dev.dtype)
     stream = ns.resolve_stream(stream, g)
-    grad_s = ns.empty((rows, n), dtype, kind)
-    grad_w = ns.empty((rows, n), dtype, kind)
+    (grad_s, grad_w), result = _outputs(out, (rows, n), (dtype, dtype), kind)
     if rows and n:
         scan_floats = 5 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(
@@ -682,4 +690,4 @@ def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, stream=None):
                                            r, kind)
         kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
                                     chunk, int(w_dev.shape[0]) == 1, fa, ia)
-    return ns.like_input(grad_s, kind), ns.like_input(grad_w, kind)
+    return result

@@ -2,8 +2,9 @@
 
 Contract: as `_cpu.inverse_rows` / `_cpu.scatter_rows` on C-contiguous CuPy arrays (perm int32,
 rows along the last axis), launched on `stream` (None: the current stream), without
-synchronising. perm entries are not checked: entries outside [0, n) are skipped (never
-written), repeated entries leave an unspecified one of the values.
+synchronising; results written into `out` when given. perm entries are not checked: entries
+outside [0, n) are skipped (never written), repeated entries leave an unspecified one of the
+values.
 
 Launch mapping (256-thread blocks): rows of n * itemsize <= 32 KiB go through shared memory,
 about 4096 output entries per block (several short rows per block), with coalesced reads and
@@ -61,27 +62,31 @@ def _staged(n: int, itemsize: int) -> bool:
     return n * itemsize <= STAGE_BYTES
 
 
-def scatter_rows(values, perm, n: int, stream=None):
-    """out (rows, n) of values' dtype: out[r, perm[r, i]] = values[r, i], zeros elsewhere."""
+def scatter_rows(values, perm, n: int, *, out=None, stream=None):
+    """out (rows, n) of values' dtype: out[r, perm[r, i]] = values[r, i], zeros elsewhere.
+    `out`: the array to write (returned); the kernels write it directly (zeroed first where
+    the kernel does not write every entry)."""
     xp = _loader.xp()
     rows, m = perm.shape
     n = int(n)
     with _loader.stream_scope(stream, like=perm):
-        if rows and n and m and _staged(n, values.dtype.itemsize):
-            out = xp.empty((rows, n), dtype=values.dtype)  # every entry written by the kernel
-        else:
-            out = xp.zeros((rows, n), dtype=values.dtype)
+        writes_all = bool(rows and n and m and _staged(n, values.dtype.itemsize))
+        if out is None:  # the staged kernel writes every entry
+            out = (xp.empty if writes_all else xp.zeros)((rows, n), dtype=values.dtype)
+        elif not writes_all:
+            out.fill(0)
         if rows and n and m:
             _scatter(bits(values), perm, bits(out), n, 0)
     return out
 
 
-def inverse_rows(perm, stream=None):
-    """inv (rows, n) int32 with inv[r, perm[r, i]] = i."""
+def inverse_rows(perm, *, out=None, stream=None):
+    """inv (rows, n) int32 with inv[r, perm[r, i]] = i. `out`: the array to write (returned);
+    the kernels write it directly."""
     xp = _loader.xp()
     rows, n = perm.shape
     with _loader.stream_scope(stream, like=perm):
-        inv = xp.empty((rows, n), dtype=np.int32)
+        inv = xp.empty((rows, n), dtype=np.int32) if out is None else out
         if rows and n:
             _scatter(perm, perm, inv.view(np.uint32), n, 1)
     return inv

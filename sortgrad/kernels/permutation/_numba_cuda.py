@@ -1,16 +1,19 @@
 """Numba CUDA inverse permutation and permutation scatter, staged through shared memory.
 
-Contract (called by `sortgrad.kernels.inverse_permutation` / `permutation_scatter` after
-validation; see `_device.py`):
-- `inverse_rows(perm, stream=None) -> inv`: perm int32 (rows, n); inv[r, perm[r, i]] = i.
-- `scatter_rows(values, perm, n, stream=None) -> out`: values (rows, m) of a dtype in DTYPES,
-  perm int32 (rows, m), out (rows, n) of values' dtype: out[r, perm[r, i]] = values[r, i],
-  zeros elsewhere.
+Contract (the row-function protocol of `sortgrad.kernels._backends`; called by
+`sortgrad.kernels.inverse_permutation` / `permutation_scatter` after validation):
+- `inverse_rows(perm, *, out=None, stream=None) -> inv`: perm int32 (rows, n);
+  inv[r, perm[r, i]] = i.
+- `scatter_rows(values, perm, n, *, out=None, stream=None) -> out`: values (rows, m) of a dtype
+  in DTYPES, perm int32 (rows, m), out (rows, n) of values' dtype: out[r, perm[r, i]] =
+  values[r, i], zeros elsewhere (the direct path zeroes `out` first; the staged one writes
+  every entry).
 Entries of perm outside [0, n) are skipped, never written (memory safety; the dispatch does not
 check entries). With repeated entries one of the values lands (which one is unspecified); an
 inverse of a non-permutation has unspecified entries (zero where nothing landed). Values move as
-raw bits, so every dtype keeps its exact bits. Outputs are new arrays of the input's kind; all
-work is queued on `stream` without synchronising.
+raw bits, so every dtype keeps its exact bits. Results are written into `out` when given
+(returned as given), else into new arrays of the input's kind; all work is queued on `stream`
+without synchronising.
 
 Launch mapping
 - Rows of n <= PERM_STAGE_BYTES / itemsize: a block takes as many whole rows as fit in its
@@ -112,28 +115,38 @@ def _run(values_bits, perm, rows: int, m: int, n: int, out_bits, inverse: bool, 
             values_bits, perm, inverse, rows, m, n, out_bits)
 
 
-def inverse_rows(perm, stream=None):
-    """inv[r, perm[r, i]] = i for each row of an int32 (rows, n) device array."""
+def inverse_rows(perm, *, out=None, stream=None):
+    """inv[r, perm[r, i]] = i for each row of an int32 (rows, n) device array. `out`: the inv
+    array to write (returned); the kernels write it directly."""
     p, kind = ns.as_device(perm)
     stream_ = ns.resolve_stream(stream, perm)
     rows, n = (int(d) for d in p.shape)
-    inv = ns.empty((rows, n), np.int32, kind)
+    if out is None:
+        inv = ns.empty((rows, n), np.int32, kind)
+        result = ns.like_input(inv, kind)
+    else:
+        (inv,), result = ns.out_views((out,)), out
     flat_p = ns.flat(p)
     _run(ns.placeholder(np.int32), flat_p, rows, n, n, ns.flat(inv), True, stream_)
-    return ns.like_input(inv, kind)
+    return result
 
 
-def scatter_rows(values, perm, n, stream=None):
-    """out[r, perm[r, i]] = values[r, i], zeros elsewhere; out (rows, n) of values' dtype."""
+def scatter_rows(values, perm, n, *, out=None, stream=None):
+    """out[r, perm[r, i]] = values[r, i], zeros elsewhere; out (rows, n) of values' dtype.
+    `out`: the array to write (returned); the kernels write it directly."""
     v, kind = ns.as_device(values)
     p, _ = ns.as_device(perm)
     stream_ = ns.resolve_stream(stream, values)
     rows, m = (int(d) for d in v.shape)
     n = int(n)
-    out = ns.empty((rows, n), v.dtype, kind)
-    _run(ns.bits_view(ns.flat(v)), ns.flat(p), rows, m, n, ns.bits_view(ns.flat(out)), False,
-         stream_)
-    return ns.like_input(out, kind)
+    if out is None:
+        target = ns.empty((rows, n), v.dtype, kind)
+        result = ns.like_input(target, kind)
+    else:
+        (target,), result = ns.out_views((out,)), out
+    _run(ns.bits_view(ns.flat(v)), ns.flat(p), rows, m, n, ns.bits_view(ns.flat(target)),
+         False, stream_)
+    return result
 
 
 def ptx_cases(dtypes=("float16", "float32", "float64", "int8")):

@@ -2,7 +2,8 @@
 
 Contract: as `_cpu.sort_rows` / `_cpu.sort_segments` (stable, the order of `jnp.sort`, values
 bit-exact, int32 permutation), on C-contiguous CuPy arrays, launched on `stream` (None: the
-current stream). No synchronisation: the host reads only shapes and the (host) CSR offsets.
+current stream), results written into `out` when given (else allocated on that stream). No
+synchronisation: the host reads only shapes and the (host) CSR offsets.
 
 Launch mapping (TILE = 2048 items = 256 threads x 8 items; see segmented_sort.cu):
 - rows of n <= 2048: `sg_sort_small`, 2048 / tile rows per block, tile = max(8, 2^ceil(log2 n));
@@ -122,13 +123,15 @@ def sort_rows_into(keys, values, perm, mode: int, out_cols: int) -> None:
                        _scratch(xp, rows * n, kb.dtype.itemsize))
 
 
-def sort_rows(keys, descending: bool, stream=None):
-    """Stable sort of each row of a C-contiguous (rows, n) CuPy array -> (values, int32 perm)."""
+def sort_rows(keys, descending: bool, *, out=None, stream=None):
+    """Stable sort of each row of a C-contiguous (rows, n) CuPy array -> (values, int32 perm).
+    `out`: (values, perm) to write (returned); the kernels write them directly."""
     xp = _loader.xp()
     rows, n = keys.shape
     with _loader.stream_scope(stream, like=keys):
-        values = xp.empty((rows, n), dtype=keys.dtype)
-        perm = xp.empty((rows, n), dtype=np.int32)
+        if out is None:
+            out = (xp.empty((rows, n), dtype=keys.dtype), xp.empty((rows, n), dtype=np.int32))
+        values, perm = out
         if rows and n:
             sort_rows_into(keys, values, perm, MODE_SORT_DESC if descending else MODE_SORT_ASC, n)
     return values, perm
@@ -139,18 +142,20 @@ def _ceil_log2_array(x: np.ndarray) -> np.ndarray:
     return np.frexp((x - 1).astype(np.float64))[1].astype(np.int64)
 
 
-def sort_segments(keys, offsets, descending: bool, stream=None):
+def sort_segments(keys, offsets, descending: bool, *, out=None, stream=None):
     """Stable sort of each CSR segment of a 1-D CuPy array; `offsets` is a validated host int64
     array. perm is relative to the segment start; elements past offsets[-1] are copied through
-    with perm 0."""
+    with perm 0. `out`: (values, perm), 1-D of keys' size, to write (returned); the kernels
+    write them directly."""
     xp = _loader.xp()
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     size = keys.shape[0]
     end = int(offsets[-1])
     mode = MODE_SORT_DESC if descending else MODE_SORT_ASC
     with _loader.stream_scope(stream, like=keys):
-        values = xp.empty(size, dtype=keys.dtype)
-        perm = xp.empty(size, dtype=np.int32)
+        if out is None:
+            out = (xp.empty(size, dtype=keys.dtype), xp.empty(size, dtype=np.int32))
+        values, perm = out
         if end < size:
             bits(values)[end:] = bits(keys)[end:]
             perm[end:] = 0

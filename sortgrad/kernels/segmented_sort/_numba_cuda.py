@@ -1,14 +1,17 @@
 """Numba CUDA segmented sort: bitonic tiles in shared memory, then co-rank merges in global memory.
 
-Contract (called by `sortgrad.kernels.segmented_sort` after validation; see `_device.py`):
-- `sort_rows(keys, descending, stream=None) -> (values, perm)`: keys a C-contiguous 2-D device
-  array (rows, n); values of keys' dtype and shape, perm int32 column indices.
-- `sort_segments(keys, offsets, descending, stream=None) -> (values, perm)`: keys 1-D, offsets a
-  validated host int64 CSR array; perm relative to each segment's start; elements past
-  offsets[-1] are copied through with perm 0.
+Contract (the row-function protocol of `sortgrad.kernels._backends`; called by
+`sortgrad.kernels.segmented_sort` after validation):
+- `sort_rows(keys, descending, *, out=None, stream=None) -> (values, perm)`: keys a
+  C-contiguous 2-D device array (rows, n); values of keys' dtype and shape, perm int32 column
+  indices.
+- `sort_segments(keys, offsets, descending, *, out=None, stream=None) -> (values, perm)`: keys
+  1-D, offsets a validated host int64 CSR array; perm relative to each segment's start;
+  elements past offsets[-1] are copied through with perm 0.
 Results are bit-identical to the CPU backend: the order of `jnp.sort` (see `_keys.py`), stable
-in both directions. Outputs are new arrays of the input's kind (CuPy in, CuPy out); all work is
-queued on `stream` (None: the current stream) without synchronising.
+in both directions. They are written into `out` when given (device arrays of any kind, returned
+as given), else into new arrays of the input's kind (CuPy in, CuPy out); all work is queued on
+`stream` (None: the current stream) without synchronising.
 
 Algorithm
 - Every element is compared as the composite (key, index): key from
@@ -390,29 +393,38 @@ def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, 
 
 # --- entry points -------------------------------------------------------------------------------
 
-def sort_rows(keys, descending, stream=None):
-    """Stable sort of each row of a C-contiguous 2-D device array -> (values, int32 perm)."""
+def _outputs(out, shape, dtype, kind):
+    """(values, perm) Numba arrays to write and the pair to return: `out` as given, or new
+    arrays of the input's kind."""
+    if out is not None:
+        return ns.out_views(out), tuple(out)
+    values, perm = ns.empty(shape, dtype, kind), ns.empty(shape, np.int32, kind)
+    return (values, perm), (ns.like_input(values, kind), ns.like_input(perm, kind))
+
+
+def sort_rows(keys, descending, *, out=None, stream=None):
+    """Stable sort of each row of a C-contiguous 2-D device array -> (values, int32 perm).
+    `out`: (values, perm) to write (returned); the kernels write them directly."""
     x, kind = ns.as_device(keys)
     stream_ = ns.resolve_stream(stream, keys)
     rows, n = (int(d) for d in x.shape)
-    values = ns.empty((rows, n), x.dtype, kind)
-    perm = ns.empty((rows, n), np.int32, kind)
+    (values, perm), result = _outputs(out, (rows, n), x.dtype, kind)
     if rows * n:
         sort_engine(ns.bits_view(ns.flat(x)), x.dtype, "sort", descending, stream_,
                     vals_out=ns.bits_view(ns.flat(values)), perm_out=ns.flat(perm),
                     row_n=n, num_rows=rows, out_stride=n, kind=kind)
-    return ns.like_input(values, kind), ns.like_input(perm, kind)
+    return result
 
 
-def sort_segments(keys, offsets, descending, stream=None):
+def sort_segments(keys, offsets, descending, *, out=None, stream=None):
     """Stable sort of each CSR segment of a 1-D device array -> (values, int32 perm relative to
     the segment start); elements past offsets[-1] are copied with perm 0. `offsets` is the
-    validated host int64 array (binned here on the host; one table upload)."""
+    validated host int64 array (binned here on the host; one table upload). `out`: (values,
+    perm), 1-D of keys' size, to write (returned); the kernels write them directly."""
     x, kind = ns.as_device(keys)
     stream_ = ns.resolve_stream(stream, keys)
     size = int(x.shape[0])
-    values = ns.empty(size, x.dtype, kind)
-    perm = ns.empty(size, np.int32, kind)
+    (values, perm), result = _outputs(out, size, x.dtype, kind)
     if size:
         bits, vals_bits = ns.bits_view(x), ns.bits_view(values)
         threads = 256 if not ns.SIMULATOR else 32
@@ -423,7 +435,7 @@ def sort_segments(keys, offsets, descending, stream=None):
         if work.any():
             sort_engine(bits, x.dtype, "sort", descending, stream_, vals_out=vals_bits,
                         perm_out=perm, segments=(starts[work], lengths[work]), kind=kind)
-    return ns.like_input(values, kind), ns.like_input(perm, kind)
+    return result
 
 
 def ptx_cases(dtypes=("float16", "float32", "float64", "int64")):

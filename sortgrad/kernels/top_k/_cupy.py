@@ -2,7 +2,8 @@
 
 Contract: as `_cpu.top_k_rows` -- the k largest entries of each row in IEEE totalOrder, largest
 first, ties to the lower index, values bit-exact, int32 indices -- on a C-contiguous (rows, n)
-CuPy array, launched on `stream` (None: the current stream), without synchronising.
+CuPy array, launched on `stream` (None: the current stream), without synchronising; results
+written into `out` when given.
 
 Launch mapping (256-thread blocks):
 - n <= 256, or n <= 2048 with k > 32: the segmented-sort kernel sorts whole rows in one block
@@ -79,13 +80,16 @@ def _select(kernel: str, xb, vb, indices, k: int, kind: int) -> None:
              np.int64(n_in), np.int32(k), np.int32(kind), candidates, np.int32(0), vb, indices))
 
 
-def top_k_rows(x, k: int, stream=None):
-    """(values, int32 indices), both (rows, k), of a C-contiguous (rows, n) CuPy array."""
+def top_k_rows(x, k: int, *, out=None, stream=None):
+    """(values, int32 indices), both (rows, k), of a C-contiguous (rows, n) CuPy array. `out`:
+    (values, indices) to write (returned); the kernels write them directly (the candidates of
+    split rows go through a scratch buffer)."""
     xp = _loader.xp()
     rows, n = x.shape
     with _loader.stream_scope(stream, like=x):
-        values = xp.empty((rows, k), dtype=x.dtype)
-        indices = xp.empty((rows, k), dtype=np.int32)
+        if out is None:
+            out = (xp.empty((rows, k), dtype=x.dtype), xp.empty((rows, k), dtype=np.int32))
+        values, indices = out
         if rows == 0 or k == 0:
             return values, indices
         kind = _sort.kind_of(x.dtype)

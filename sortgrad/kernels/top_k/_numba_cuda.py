@@ -1,11 +1,13 @@
 """Numba CUDA top-k: radix select of the k-th key in shared memory, then a sort of the k survivors.
 
-Contract (called by `sortgrad.kernels.top_k` after validation; see `_device.py`):
-`top_k_rows(x, k, stream=None) -> (values, indices)`: x a C-contiguous 2-D device array
-(rows, n), 0 <= k <= n; values (rows, k) of x's dtype with exact bits, indices int32; largest
+Contract (the row-function protocol of `sortgrad.kernels._backends`; called by
+`sortgrad.kernels.top_k` after validation):
+`top_k_rows(x, k, *, out=None, stream=None) -> (values, indices)`: x a C-contiguous 2-D device
+array (rows, n), 0 <= k <= n; values (rows, k) of x's dtype with exact bits, indices int32; largest
 first in IEEE totalOrder (-NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN), equal entries
-lowest index first -- bit-identical to the CPU backend and `jax.lax.top_k`. Outputs are new
-arrays of the input's kind; all work is queued on `stream` without synchronising.
+lowest index first -- bit-identical to the CPU backend and `jax.lax.top_k`. Outputs are written
+into `out` when given (returned as given), else new arrays of the input's kind; all work is
+queued on `stream` without synchronising.
 
 Algorithm (k <= TOPK_MAX_K; no sort of the row)
 Keys are totalOrder keys complemented (`key_function(dtype, "total", descending=True)`), so the
@@ -212,16 +214,22 @@ def _chunks(rows: int, n: int, k: int, split_chunk: int, sm_count: int) -> int:
     return max(chunks, 1)
 
 
-def top_k_rows(x, k, stream=None):
-    """(values, int32 indices) of the k largest entries of each row, largest first."""
+def top_k_rows(x, k, *, out=None, stream=None):
+    """(values, int32 indices) of the k largest entries of each row, largest first. `out`:
+    (values, indices) to write (returned); the kernels write them directly (split rows go
+    through candidate scratch buffers first)."""
     a, kind = ns.as_device(x)
     stream_ = ns.resolve_stream(stream, x)
     rows, n = (int(d) for d in a.shape)
     k = int(k)
-    values = ns.empty((rows, k), a.dtype, kind)
-    indices = ns.empty((rows, k), np.int32, kind)
+    if out is None:
+        values = ns.empty((rows, k), a.dtype, kind)
+        indices = ns.empty((rows, k), np.int32, kind)
+        result = ns.like_input(values, kind), ns.like_input(indices, kind)
+    else:
+        (values, indices), result = ns.out_views(out), tuple(out)
     if rows == 0 or k == 0:
-        return ns.like_input(values, kind), ns.like_input(indices, kind)
+        return result
     threads, max_k, cache_bytes, split_chunk = _config()
     bits = ns.bits_view(ns.flat(a))
     vals_bits, idx_flat = ns.bits_view(ns.flat(values)), ns.flat(indices)
@@ -229,7 +237,7 @@ def top_k_rows(x, k, stream=None):
         _sort.sort_engine(bits, a.dtype, "total", True, stream_, vals_out=vals_bits,
                           perm_out=idx_flat, row_n=n, num_rows=rows, out_stride=k, out_limit=k,
                           kind=kind)
-        return ns.like_input(values, kind), ns.like_input(indices, kind)
+        return result
     kernel = _select_kernel(np.dtype(a.dtype).name, threads, max_k, cache_bytes)
     no_idx = ns.placeholder(np.int32)
     limits = ns.device_limits()
@@ -245,7 +253,7 @@ def top_k_rows(x, k, stream=None):
         m = chunks * k
         kernel[rows, threads, stream_](cand_bits, cand_idx, True, m, m, 1, k, vals_bits,
                                        idx_flat)
-    return ns.like_input(values, kind), ns.like_input(indices, kind)
+    return result
 
 
 def ptx_cases(dtypes=("float16", "float32", "float64", "int64")):

@@ -1,5 +1,6 @@
 // Host emulation of the CUDA subset sortgrad's kernels use, for tests on machines without a GPU
-// (tests/test_cupy_kernels.py compiles the .cu files with g++ -include this header).
+// (tests/_emulation/cuda_host.py compiles each .cu file with g++ after this header; test
+// machinery, not shipped in the wheel).
 //
 // Every CUDA thread of a block is a fiber (own stack, cooperative switches); blocks run one after
 // another. Supported: threadIdx/blockIdx/blockDim/gridDim, static __shared__ arrays (function
