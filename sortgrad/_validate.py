@@ -7,6 +7,7 @@ Errors are ValueError (bad value) or TypeError (bad type) and name the argument.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -22,14 +23,16 @@ COMPUTE_FLOAT_DTYPES = ("float32", "float64")
 _16_BIT_FLOATS = ("float16", "bfloat16")
 
 
-# --- dtypes ---------------------------------------------------------------------------------------
+# --- dtypes (dtype predicates are cached: they run on every kernel call) -------------------------
 
+@functools.lru_cache(maxsize=None)
 def is_float_dtype(dtype) -> bool:
     """Floating point, bfloat16 included (ml_dtypes' bfloat16 has NumPy kind "V")."""
     dtype = np.dtype(dtype)
     return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
+@functools.lru_cache(maxsize=None)
 def is_key_dtype(dtype) -> bool:
     """A dtype the sorts and top-k take: floating, integer or bool."""
     return is_float_dtype(dtype) or np.dtype(dtype).kind in "iub"
@@ -41,6 +44,7 @@ def check_key_dtype(dtype, name: str = "x") -> None:
                         f"{np.dtype(dtype)}")
 
 
+@functools.lru_cache(maxsize=None)
 def float_compute_dtype(dtype, name: str = "x", op: str = "soft ops") -> np.dtype:
     """Ops that differentiate their input take floating input; 16-bit floats are computed in
     float32. Returns the compute dtype."""
@@ -94,7 +98,8 @@ def check_axis(shape, axis, name: str = "axis") -> int:
 def check_same_shape(shapes: dict) -> None:
     """All named shapes equal (e.g. {"values": ..., "perm": ...})."""
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    if len(set(shapes.values())) > 1:
+    first = next(iter(shapes.values()))
+    if any(shape != first for shape in shapes.values()):
         listing = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
         raise ValueError(f"{listing} must have the same shape")
 

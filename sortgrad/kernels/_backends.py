@@ -22,6 +22,7 @@ Row-function protocol (what each backend module implements):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -50,8 +51,9 @@ def module_name(op: str, backend: str) -> str:
     return f"sortgrad.kernels.{op}.{REGISTRY[op][backend]}"
 
 
+@functools.lru_cache(maxsize=None)
 def backend_module(op: str, backend: str):
-    """The module implementing `op` on `backend` (imported on first use)."""
+    """The module implementing `op` on `backend` (imported on first use, then cached)."""
     if backend not in REGISTRY.get(op, {}):
         raise NotImplementedError(f"backend={backend!r} has no {op} kernel in this build")
     name = module_name(op, backend)
@@ -93,6 +95,8 @@ def resolve_backend(arrays, backend: str | None) -> str:
     "numba") unless one is named. An explicit backend that cannot run raises (ImportError
     naming the pip extra, or RuntimeError without a GPU); it never falls back silently.
     """
+    if backend is None and all(type(a) is np.ndarray or a is None for a in arrays):
+        return "cpu"  # the common case, decided without looking further
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     kinds = {array_kind(a) for a in arrays if a is not None}
@@ -208,13 +212,17 @@ def to_host(x) -> np.ndarray:
     return cuda.as_cuda_array(x).copy_to_host()
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_dtype(op: str, backend: str, dtype) -> bool:
+    dtypes = backend_module(op, backend).DTYPES
+    return dtypes is None or np.dtype(dtype).name in dtypes
+
+
 def check_data_dtype(x, name: str, backend: str, op: str) -> None:
     """`x`'s dtype is one the backend module of `op` takes (its `DTYPES`)."""
-    module = backend_module(op, backend)
-    dtype = np.dtype(x.dtype)
-    if module.DTYPES is not None and dtype.name not in module.DTYPES:
-        raise TypeError(f"{name} has dtype {dtype}; backend={backend!r} takes "
-                        f"{', '.join(module.DTYPES)}")
+    if not _takes_dtype(op, backend, x.dtype):
+        raise TypeError(f"{name} has dtype {np.dtype(x.dtype)}; backend={backend!r} takes "
+                        f"{', '.join(backend_module(op, backend).DTYPES)}")
 
 
 def output_rows(out, specs, backend: str):
@@ -230,15 +238,19 @@ def output_rows(out, specs, backend: str):
                          f"({', '.join(name for name, _, _ in specs)}), got {len(arrays)}")
     views = []
     for array, (name, shape, dtype) in zip(arrays, specs):
-        kind = array_kind(array)
-        if (backend == "cpu") != (kind == "host") or not hasattr(array, "shape"):
+        if backend == "cpu":
+            right_kind = isinstance(array, np.ndarray)
+            writable = right_kind and array.flags.c_contiguous and array.flags.writeable
+        else:
+            right_kind = array_kind(array) != "host" and hasattr(array, "shape")
+            writable = right_kind and is_c_contiguous(array)
+        if not right_kind:
             raise TypeError(f"out ({name}) must be an array of backend={backend!r}, got "
                             f"{type(array).__name__}")
-        if shape_of(array) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
+        if shape_of(array) != tuple(shape) or array.dtype != dtype:
             raise ValueError(f"out ({name}) must have shape {tuple(shape)} and dtype "
                              f"{np.dtype(dtype)}, got {shape_of(array)} {np.dtype(array.dtype)}")
-        writeable = getattr(getattr(array, "flags", None), "writeable", True)
-        if not is_c_contiguous(array) or not writeable:
+        if not writable:
             raise ValueError(f"out ({name}) must be C-contiguous and writeable")
         views.append(array.reshape(math.prod(shape[:-1]), shape[-1]) if len(shape) else array)
     return tuple(views)

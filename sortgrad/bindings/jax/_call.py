@@ -3,13 +3,13 @@
 A pass is a *kernel function* `fn(*arrays, out=None)`: it calls `sortgrad.kernels` on the
 arrays it is handed and writes its results into `out` (a tuple of arrays of the result specs)
 or, with `out=None`, returns them as a tuple. The arrays it gets follow the buffers: NumPy
-views on the CPU (CuPy views on the GPU: the next step, see `_gpu_views`), so the kernel API
+views on the CPU (CuPy views on the GPU: the next step, see `_gpu_branch`), so the kernel API
 picks the backend from them; nothing here selects an algorithm.
 
 Callback modes:
 - "buffer" (default): `jax.experimental.buffer_callback` hands the pass XLA's own buffers;
   the pass writes its results straight into XLA's output buffers (no allocation, no copy).
-  The platform is read from the buffers (`__cuda_array_interface__` means a GPU buffer).
+  The platform is read from the buffers (their DLPack device).
 - "pure": `jax.pure_callback`, the portable path (JAX copies arguments and results).
 Choose with `set_callback_mode`, the `callback_mode` context manager, or the environment
 variable SORTGRAD_CALLBACK=pure|buffer. The mode is read when a function is traced: a jitted
@@ -88,14 +88,17 @@ def _broadcast_batch(arrays):
     return [np.broadcast_to(a, batch + a.shape[-1:]) for a in arrays]
 
 
-def _is_gpu_buffer(buffer) -> bool:
-    try:
-        return hasattr(buffer, "__cuda_array_interface__")
-    except Exception:  # a CPU buffer may raise something other than AttributeError
-        return False
+_DLPACK_CPU = 1  # DLDeviceType kDLCPU
 
 
-def _gpu_views(ctx, outs, buffers):
+def _on_host(buffers) -> bool:
+    """Whether XLA's buffers live in host memory. Read from DLPack's device tag: cheap on every
+    platform (`__cuda_array_interface__` and `ctx.stream` raise an XLA error on the CPU, which
+    costs tens of microseconds per call)."""
+    return all(b.__dlpack_device__()[0] == _DLPACK_CPU for b in buffers)
+
+
+def _gpu_branch(ctx, outs, buffers):
     raise NotImplementedError(
         "sortgrad's JAX ops do not run on GPU buffers in buffer mode yet (the CuPy branch of "
         "the binding is the next step); use sortgrad.set_callback_mode('pure') to run them on "
@@ -107,8 +110,8 @@ def kernel_call(kernel_fn, result_specs, *args):
     result_specs = tuple(result_specs)
     if _mode == "buffer" and jax.default_backend() == "cpu":
         def buffer_kernel(ctx, outs, *buffers):
-            if any(_is_gpu_buffer(b) for b in (*buffers, *outs)):
-                _gpu_views(ctx, outs, buffers)
+            if not _on_host((*buffers, *outs)):
+                _gpu_branch(ctx, outs, buffers)
             arrays = _broadcast_batch([np.asarray(b) for b in buffers])
             kernel_fn(*arrays, out=tuple(np.asarray(o) for o in outs))
         return buffer_callback(buffer_kernel, result_specs, vmap_method="expand_dims")(*args)
