@@ -191,12 +191,6 @@ def _torch_cuda():
         return None
 
 
-def _bits_equal(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and bool(
-        np.array_equal(a.view(np.uint8), b.view(np.uint8)))
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 def ragged_offsets(total: int, rng) -> np.ndarray:
@@ -225,6 +219,7 @@ def run(args) -> dict:
     from sortgrad.kernels.segmented_sort import _cupy as sort_cupy
     from sortgrad.kernels.top_k import _cpu as topk_cpu
     from sortgrad.kernels.top_k import _cupy as topk_cupy
+    from sortgrad.testing import same_bits  # same shape, dtype and bytes
 
     total = SMOKE_TOTAL if args.smoke else TOTAL
     warmup, repeats = args.warmup, args.repeats
@@ -260,10 +255,10 @@ def run(args) -> dict:
         xd = cupy.asarray(x)
         want_v, want_p = sort_cpu.sort_rows(x, False)
         got_v, got_p = sort_cupy.sort_rows(xd, False)
-        agree = _bits_equal(got_v.get(), want_v) and np.array_equal(got_p.get(), want_p)
+        agree = same_bits(got_v.get(), want_v) and np.array_equal(got_p.get(), want_p)
         record(case, "sortgrad-cupy", time_cupy(cupy, lambda: sort_cupy.sort_rows(xd, False),
                                                 warmup, repeats), x.size, 12 * x.size, agree)
-        ok = _bits_equal(cupy.sort(xd, axis=-1).get(), want_v)
+        ok = same_bits(cupy.sort(xd, axis=-1).get(), want_v)
         record(case, "cupy.sort", time_cupy(cupy, lambda: cupy.sort(xd, axis=-1), warmup,
                                             repeats), x.size, 8 * x.size, ok)
         ok = np.array_equal(cupy.argsort(xd, axis=-1).get(), want_p)  # not stable: may differ
@@ -275,19 +270,19 @@ def run(args) -> dict:
             fn = jax.jit(lambda a: jax.lax.sort((a, jax.lax.broadcasted_iota(
                 jnp.int32, a.shape, 1)), num_keys=1, is_stable=True))
             res = jax.block_until_ready(fn(xj))
-            ok = _bits_equal(np.asarray(res[0]), want_v) and np.array_equal(np.asarray(res[1]),
-                                                                            want_p)
+            ok = same_bits(np.asarray(res[0]), want_v) and np.array_equal(np.asarray(res[1]),
+                                                                           want_p)
             record(case, "jax.lax.sort(values, iota)",
                    time_wall(lambda: fn(xj), jax.block_until_ready, warmup, repeats), x.size,
                    12 * x.size, ok)
             fs = jax.jit(jnp.sort)
-            ok = _bits_equal(np.asarray(fs(xj)), want_v)
+            ok = same_bits(np.asarray(fs(xj)), want_v)
             record(case, "jnp.sort", time_wall(lambda: fs(xj), jax.block_until_ready, warmup,
                                                repeats), x.size, 8 * x.size, ok)
         if torch is not None:
             xt = torch.as_tensor(x, device="cuda")
             res = torch.sort(xt, dim=-1, stable=True)
-            ok = _bits_equal(res[0].cpu().numpy(), want_v) and np.array_equal(
+            ok = same_bits(res[0].cpu().numpy(), want_v) and np.array_equal(
                 res[1].cpu().numpy(), want_p)
             record(case, "torch.sort(stable)",
                    time_torch(torch, lambda: torch.sort(xt, dim=-1, stable=True), warmup,
@@ -299,7 +294,7 @@ def run(args) -> dict:
         xd = cupy.asarray(x)
         want_v, want_p = sort_cpu.sort_segments(x, offsets, False)
         got_v, got_p = sort_cupy.sort_segments(xd, offsets, False)
-        agree = _bits_equal(got_v.get(), want_v) and np.array_equal(got_p.get(), want_p)
+        agree = same_bits(got_v.get(), want_v) and np.array_equal(got_p.get(), want_p)
         record("sort_ragged", "sortgrad-cupy",
                time_cupy(cupy, lambda: sort_cupy.sort_segments(xd, offsets, False), warmup,
                          repeats), total, 12 * total, agree, segments=int(offsets.size - 1))
@@ -313,7 +308,7 @@ def run(args) -> dict:
             continue
         want_v, want_i = topk_cpu.top_k_rows(x, k)
         got_v, got_i = topk_cupy.top_k_rows(xd, k)
-        agree = _bits_equal(got_v.get(), want_v) and np.array_equal(got_i.get(), want_i)
+        agree = same_bits(got_v.get(), want_v) and np.array_equal(got_i.get(), want_i)
         record(case, "sortgrad-cupy", time_cupy(cupy, lambda: topk_cupy.top_k_rows(xd, k),
                                                 warmup, repeats), x.size, 4 * x.size, agree)
         if jax is not None:
@@ -337,7 +332,7 @@ def run(args) -> dict:
         values = rng.standard_normal(shape).astype(np.float32)
         pd, vd = cupy.asarray(perm), cupy.asarray(values)
         n = shape[1]
-        agree = _bits_equal(perm_cupy.scatter_rows(vd, pd, n).get(),
+        agree = same_bits(perm_cupy.scatter_rows(vd, pd, n).get(),
                             perm_cpu.scatter_rows(values, perm, n))
         record(case, "sortgrad-cupy", time_cupy(cupy, lambda: perm_cupy.scatter_rows(vd, pd, n),
                                                 warmup, repeats), values.size, 12 * values.size,
@@ -350,7 +345,7 @@ def run(args) -> dict:
         fancy()
         record(case, "cupy fancy-index scatter", time_cupy(cupy, fancy, warmup, repeats),
                values.size, 12 * values.size,
-               _bits_equal(out.get(), perm_cpu.scatter_rows(values, perm, n)))
+               same_bits(out.get(), perm_cpu.scatter_rows(values, perm, n)))
     if selected("inverse_rows4096"):
         perm = np.argsort(rng.random((total // 4096, 4096)), axis=-1).astype(np.int32)
         pd = cupy.asarray(perm)

@@ -53,6 +53,7 @@ from sortgrad.kernels._cuda import numba_support as ns  # noqa: E402
 from sortgrad.kernels.permutation import _numba_cuda as perm_nb  # noqa: E402
 from sortgrad.kernels.segmented_sort import _numba_cuda as sort_nb  # noqa: E402
 from sortgrad.kernels.top_k import _numba_cuda as topk_nb  # noqa: E402
+from sortgrad.testing import same_bits  # noqa: E402
 
 TOTAL = 1 << 24
 SMOKE_TOTAL = 128
@@ -272,11 +273,6 @@ def ragged_offsets(total: int, rng) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)])
 
 
-def bits_equal(a, b) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
 def run(args) -> dict:
     if ns.SIMULATOR:
         sys.setswitchinterval(5e-5)  # the simulator's barriers poll: ~5x faster
@@ -323,7 +319,7 @@ def run(args) -> dict:
         dx = cuda.to_device(x, stream=stream)
         values, perm = sort_nb.sort_rows(dx, False, stream=stream)
         want_v, want_p = kernels.segmented_sort(x)
-        agree = bits_equal(values.copy_to_host(), want_v) and \
+        agree = same_bits(values.copy_to_host(), want_v, check_dtype=False) and \
             np.array_equal(perm.copy_to_host(), want_p)
         timing = time_numba(lambda: sort_nb.sort_rows(dx, False, stream=stream), stream,
                             warmup, repeats)
@@ -338,7 +334,7 @@ def run(args) -> dict:
         dx = cuda.to_device(x, stream=stream)
         values, perm = sort_nb.sort_segments(dx, offsets, False, stream=stream)
         want_v, want_p = kernels.segmented_sort(x, offsets)
-        agree = bits_equal(values.copy_to_host(), want_v) and \
+        agree = same_bits(values.copy_to_host(), want_v, check_dtype=False) and \
             np.array_equal(perm.copy_to_host(), want_p)
         timing = time_numba(lambda: sort_nb.sort_segments(dx, offsets, False, stream=stream),
                             stream, warmup, repeats)
@@ -355,7 +351,7 @@ def run(args) -> dict:
             continue
         values, indices = topk_nb.top_k_rows(dx, k, stream=stream)
         want_v, want_i = kernels.top_k(x, k)
-        agree = bits_equal(values.copy_to_host(), want_v) and \
+        agree = same_bits(values.copy_to_host(), want_v, check_dtype=False) and \
             np.array_equal(indices.copy_to_host(), want_i)
         timing = time_numba(lambda: topk_nb.top_k_rows(dx, k, stream=stream), stream, warmup,
                             repeats)
@@ -373,8 +369,8 @@ def run(args) -> dict:
         perm = np.argsort(rng.random(shape), axis=-1).astype(np.int32)
         dv, dp = cuda.to_device(values, stream=stream), cuda.to_device(perm, stream=stream)
         out = perm_nb.scatter_rows(dv, dp, shape[1], stream=stream)
-        agree = bits_equal(out.copy_to_host(), kernels.permutation_scatter(values, perm,
-                                                                           shape[1]))
+        agree = same_bits(out.copy_to_host(), kernels.permutation_scatter(values, perm, shape[1]),
+                          check_dtype=False)
         timing = time_numba(lambda: perm_nb.scatter_rows(dv, dp, shape[1], stream=stream),
                             stream, warmup, repeats)
         record(name, "sortgrad-numba", timing, values.size, 12 * values.size, agree,

@@ -12,24 +12,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 import sortgrad
+from sortgrad.testing import FLOAT_DTYPES, INT_DTYPES, SIZES, assert_same_bits, bits, dtype_id
+from sortgrad.testing import make_keys as _make_keys
 
-FLOAT_DTYPES = [np.float16, jnp.bfloat16, np.float32, np.float64]
-INT_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint32]
-ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
-SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
+ALL_DTYPES = [*FLOAT_DTYPES, *INT_DTYPES, np.bool_]
 MODES = ["buffer", "pure"]
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-PAYLOAD_NANS = {"float16": (0x7E01, 0xFE03), "float32": (0x7FC00001, 0xFFC00003),
-                "float64": (0x7FF8000000000001, 0xFFF8000000000003)}
-
-
-def dtype_id(dt):
-    return np.dtype(dt).name
 
 
 @pytest.fixture(params=MODES)
@@ -40,46 +31,12 @@ def mode(request):
 
 
 def make_keys(rng, shape, dtype, pattern="special"):
-    """"random", "ties" (0..3 cast) or "special": -0.0/0.0, NaNs of both signs (payload NaNs
-    too, except bfloat16: jnp.sort/lax.top_k on bfloat16 do not keep payloads), +-inf, ties.
-    No subnormals (XLA on CPU flushes them when it sorts; see test_subnormals_match_jnp)."""
-    dtype = np.dtype(dtype)
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if pattern == "ties":
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if pattern == "random":
-            return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
-        pool = np.array([info.min, info.min + 1, 0, 1, 2, info.max - 1, info.max], dtype=dtype)
-        return rng.choice(pool, size=shape)
-    if pattern == "random":
-        return (rng.standard_normal(shape) * 100).astype(dtype)
-    finfo = ml_dtypes.finfo(dtype)
-    pool = np.array([0.0, -0.0, math.nan, math.copysign(math.nan, -1.0), math.inf, -math.inf,
-                     1.0, -1.0, 2.0, 0.5, float(finfo.max), -float(finfo.max)], dtype=dtype)
-    out = rng.choice(pool, size=shape)
-    flat = out.reshape(-1).view(UINT[dtype.itemsize])
-    if dtype.name in PAYLOAD_NANS and flat.size >= 4:
-        pos, neg = PAYLOAD_NANS[dtype.name]
-        where = rng.choice(flat.size, size=max(1, flat.size // 16), replace=False)
-        flat[where] = np.where(rng.random(where.size) < 0.5, pos, neg).astype(flat.dtype)
-    return out
-
-
-def bits(a):
-    a = np.asarray(a)
-    if a.dtype == np.bool_:
-        return a.view(np.uint8)
-    return a.view(UINT[a.dtype.itemsize])
-
-
-def assert_same_bits(actual, expected, msg=""):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, (msg, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
-    np.testing.assert_array_equal(bits(actual), bits(expected), err_msg=msg)
+    """sortgrad.testing.make_keys: "random", "ties" (0..3 cast) or "special": -0.0/0.0, NaNs of
+    both signs (payload NaNs too, except bfloat16: jnp.sort/lax.top_k on bfloat16 do not keep
+    payloads), +-inf, ties. No subnormals (XLA on CPU flushes them when it sorts; see
+    test_subnormals_match_jnp), nor the smallest normal."""
+    return _make_keys(rng, shape, dtype, pattern, subnormals=False, tiny=False,
+                      payloads=np.dtype(dtype) != jnp.bfloat16)
 
 
 def assert_same_indices(actual, expected, msg=""):
@@ -411,7 +368,7 @@ def test_composed_grads():
     assert_grads_equal(jax.grad(ours)(x), jax.grad(ref)(x))
 
 
-@pytest.mark.parametrize("dtype", INT_DTYPES + [np.bool_], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [*INT_DTYPES, np.bool_], ids=dtype_id)
 def test_integer_inputs_have_no_gradient(dtype):
     rng = np.random.default_rng(7)
     x = jnp.asarray(make_keys(rng, (2, 9), dtype, "special"))

@@ -9,31 +9,14 @@ import numpy as np
 import pytest
 
 from sortgrad.kernels import isotonic_regression, isotonic_regression_vjp
-from sortgrad.testing import (finite_difference_jacobian, reference_isotonic,
-                              reference_isotonic_minmax, reference_isotonic_vjp)
+from sortgrad.testing import (SIZES, finite_difference_jacobian, isotonic_inputs,
+                              reference_isotonic, reference_isotonic_minmax,
+                              reference_isotonic_vjp)
 
 REGS = ["l2", "kl"]
 DTYPES = [np.float32, np.float64]
-SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
 # float32 results are float64 sums rounded once; allow a few float32 ulps of the data scale.
 RTOL = {np.float32: 2e-6, np.float64: 1e-12}
-
-
-def _inputs(rng, shape, dtype, regularization, kind="random"):
-    """s and w of `shape`; `kind` "random" (lots of pooling), "sorted" (the soft-op setting:
-    s sorted descending, w = rho or log rho) or "ties" (small integers, heavy ties)."""
-    n = shape[-1]
-    if kind == "random":
-        s, w = rng.normal(size=shape) * 3, rng.normal(size=shape)
-    elif kind == "sorted":
-        s = -np.sort(-rng.normal(size=shape) * n / 4, axis=-1)
-        rho = np.arange(n, 0, -1, dtype=np.float64)
-        w = np.broadcast_to(rho if regularization == "l2" else np.log(rho), shape).copy()
-    elif kind == "ties":
-        s, w = rng.integers(0, 3, size=shape).astype(float), rng.integers(0, 2, size=shape) * 1.0
-    else:
-        raise ValueError(kind)
-    return s.astype(dtype), w.astype(dtype)
 
 
 def _rows(a, n):
@@ -123,7 +106,7 @@ def test_forward_matches_reference(regularization, dtype, n, shared_w):
     rng = np.random.default_rng(n + 7 * shared_w)
     rows = 1 if n >= 1023 else 3
     kind = "sorted" if n >= 1023 else "random"
-    s, w = _inputs(rng, (rows, n), dtype, regularization, kind)
+    s, w = isotonic_inputs(rng, (rows, n), dtype, regularization, kind)
     if shared_w:
         w = w[0].copy()
     sol, blocks = isotonic_regression(s, w, regularization=regularization)
@@ -142,7 +125,7 @@ def test_forward_matches_reference(regularization, dtype, n, shared_w):
 @pytest.mark.parametrize("shared_w", [False, True], ids=["w_full", "w_shared"])
 def test_batch_dims(regularization, dtype, shared_w):
     rng = np.random.default_rng(1)
-    s, w = _inputs(rng, (2, 3, 17), dtype, regularization)
+    s, w = isotonic_inputs(rng, (2, 3, 17), dtype, regularization)
     if shared_w:
         w = w[1, 2].copy()
     sol, blocks = isotonic_regression(s, w, regularization=regularization)
@@ -185,7 +168,7 @@ def test_size_one_is_the_block_value(regularization, dtype):
 @pytest.mark.parametrize("n", [33, 1025])
 def test_heavy_ties(regularization, n):
     rng = np.random.default_rng(n)
-    s, w = _inputs(rng, (4, n), np.float64, regularization, "ties")
+    s, w = isotonic_inputs(rng, (4, n), np.float64, regularization, "ties")
     sol, blocks = isotonic_regression(s, w, regularization=regularization)
     ref_sol, ref_blocks = _reference_rows(s, w, regularization)
     np.testing.assert_allclose(sol, ref_sol, rtol=1e-12, atol=1e-12)
@@ -213,7 +196,7 @@ def test_equal_neighbours_stay_separate_blocks(regularization):
 @pytest.mark.parametrize("kind", ["random", "sorted", "ties"])
 def test_solution_is_non_increasing(regularization, dtype, kind):
     rng = np.random.default_rng(3)
-    s, w = _inputs(rng, (5, 257), dtype, regularization, kind)
+    s, w = isotonic_inputs(rng, (5, 257), dtype, regularization, kind)
     sol, _ = isotonic_regression(s, w, regularization=regularization)
     assert np.all(np.diff(sol, axis=-1) <= 0)
 
@@ -257,7 +240,7 @@ def test_kl_extreme_spread(regularization):
 @pytest.mark.parametrize("regularization", REGS)
 def test_nan_row_does_not_touch_other_rows(regularization):
     rng = np.random.default_rng(6)
-    s, w = _inputs(rng, (3, 20), np.float64, regularization)
+    s, w = isotonic_inputs(rng, (3, 20), np.float64, regularization)
     clean_sol, clean_blocks = isotonic_regression(s, w, regularization=regularization)
     s_nan = s.copy()
     s_nan[1, 7] = np.nan
@@ -273,7 +256,7 @@ def test_16_bit_inputs_compute_in_float32(regularization, dtype):
         ml_dtypes = pytest.importorskip("ml_dtypes")
         dtype = ml_dtypes.bfloat16
     rng = np.random.default_rng(7)
-    s, w = _inputs(rng, (2, 33), np.float64, regularization)
+    s, w = isotonic_inputs(rng, (2, 33), np.float64, regularization)
     s16, w16 = s.astype(dtype), w.astype(dtype)
     sol, blocks = isotonic_regression(s16, w16, regularization=regularization)
     assert sol.dtype == np.float32
@@ -287,7 +270,7 @@ def test_16_bit_inputs_compute_in_float32(regularization, dtype):
 @pytest.mark.parametrize("shared_w", [False, True], ids=["w_full", "w_shared"])
 def test_inputs_not_modified(regularization, shared_w):
     rng = np.random.default_rng(8)
-    s, w = _inputs(rng, (3, 40), np.float64, regularization)
+    s, w = isotonic_inputs(rng, (3, 40), np.float64, regularization)
     if shared_w:
         w = w[0].copy()
     s0, w0 = s.copy(), w.copy()
@@ -322,7 +305,7 @@ def _fd_vjp(g, s, w, regularization, step=1e-6):
 @pytest.mark.parametrize("kind", ["random", "sorted"])
 def test_vjp_matches_finite_differences(regularization, kind):
     rng = np.random.default_rng(9)
-    s, w = _inputs(rng, (3, 16), np.float64, regularization, kind)
+    s, w = isotonic_inputs(rng, (3, 16), np.float64, regularization, kind)
     g = rng.normal(size=s.shape)
     _, blocks = isotonic_regression(s, w, regularization=regularization)
     assert blocks.max() < 15, "the inputs should pool somewhere"
@@ -339,7 +322,7 @@ def test_vjp_matches_finite_differences(regularization, kind):
 @pytest.mark.parametrize("shared_w", [False, True], ids=["w_full", "w_shared"])
 def test_vjp_matches_reference(regularization, dtype, n, shared_w):
     rng = np.random.default_rng(10 + n)
-    s, w = _inputs(rng, (2, n), dtype, regularization, "sorted" if n > 33 else "random")
+    s, w = isotonic_inputs(rng, (2, n), dtype, regularization, "sorted" if n > 33 else "random")
     if shared_w:
         w = w[0].copy()
     g = rng.normal(size=s.shape).astype(dtype)
@@ -360,7 +343,7 @@ def test_vjp_matches_reference(regularization, dtype, n, shared_w):
 def test_vjp_block_sums(regularization):
     """Within each block the gradients carry the block's total cotangent (both rules)."""
     rng = np.random.default_rng(11)
-    s, w = _inputs(rng, (4, 50), np.float64, regularization)
+    s, w = isotonic_inputs(rng, (4, 50), np.float64, regularization)
     g = rng.normal(size=s.shape)
     _, blocks = isotonic_regression(s, w, regularization=regularization)
     grad_s, grad_w = isotonic_regression_vjp(g, s, w, blocks, regularization=regularization)

@@ -12,38 +12,12 @@ import numpy as np
 import pytest
 
 from sortgrad.kernels import inverse_permutation, permutation_scatter, segmented_sort, top_k
+from sortgrad.testing import (FLOAT_DTYPES, INT_DTYPES, SIZES, assert_same_bits, dtype_id,
+                              random_perms)
 
-SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
-VALUE_DTYPES = [np.float16, jnp.bfloat16, np.float32, np.float64, np.int8, np.int32, np.int64,
-                np.uint8, np.uint32, np.bool_]
+VALUE_DTYPES = [*FLOAT_DTYPES, *INT_DTYPES, np.bool_]
 INDEX_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                 np.uint64]
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def dtype_id(dt):
-    return np.dtype(dt).name
-
-
-def bits(a):
-    a = np.asarray(a)
-    if a.dtype.kind == "c":
-        return a.view(UINT[a.dtype.itemsize // 2])
-    return a.view(UINT[a.dtype.itemsize])
-
-
-def assert_same_bits(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_array_equal(bits(actual), bits(expected))
-
-
-def random_perms(rng, batch, n, dtype=np.int64):
-    """Independent random permutations of 0..n-1 along the last axis."""
-    rows = int(np.prod(batch, dtype=np.int64))
-    p = np.stack([rng.permutation(n) for _ in range(rows)]) if rows else np.zeros((0, n))
-    return p.reshape(tuple(batch) + (n,)).astype(dtype)
 
 
 def random_values(rng, shape, dtype):

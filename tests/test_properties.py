@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,26 +13,15 @@ from hypothesis.extra import numpy as hnp
 
 import sortgrad
 from sortgrad.kernels import inverse_permutation, permutation_scatter, segmented_sort, top_k
-from sortgrad.testing import reference_segmented_sort, reference_sort_rows, reference_top_k
+from sortgrad.testing import (UINT_BY_ITEMSIZE, assert_same_bits, flush_subnormals,
+                              reference_segmented_sort, reference_sort_rows, reference_top_k)
 
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 FLOATS = [np.float16, np.float32, np.float64]
 INTS = [np.int8, np.int32, np.uint8, np.uint32]
 
 PROPS = settings(max_examples=30, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 JAX_PROPS = settings(PROPS, max_examples=10)  # every new shape compiles
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(UINT[a.dtype.itemsize])
-
-
-def assert_same_bits(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    np.testing.assert_array_equal(bits(actual), bits(expected))
 
 
 @st.composite
@@ -50,10 +38,10 @@ def keys(draw, shape, dtypes=FLOATS + INTS):
                              allow_subnormal=True)
         x = draw(hnp.arrays(dtype, shape, elements=elements))
         if x.size and draw(st.booleans()):  # raw bits: NaN payloads of both signs and friends
-            raw = draw(hnp.arrays(UINT[dtype.itemsize], x.size))
+            raw = draw(hnp.arrays(UINT_BY_ITEMSIZE[dtype.itemsize], x.size))
             where = draw(hnp.arrays(np.bool_, x.size))
             x = x.reshape(-1).copy()
-            x.view(UINT[dtype.itemsize])[where] = raw[where]
+            x.view(UINT_BY_ITEMSIZE[dtype.itemsize])[where] = raw[where]
             x = x.reshape(shape)
         return x
     return draw(hnp.arrays(dtype, shape))
@@ -62,20 +50,10 @@ def keys(draw, shape, dtypes=FLOATS + INTS):
 row_shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=40)
 
 
-def order_keys(x):
-    """jnp.sort on XLA:CPU compares float32/float64/bfloat16 subnormals as zeros."""
-    if x.dtype.kind == "f" and x.dtype != np.float16:
-        tiny = float(ml_dtypes.finfo(x.dtype).tiny)
-        with np.errstate(invalid="ignore"):
-            small = np.abs(x.astype(np.float64)) < tiny
-        x = np.where(small, np.zeros((), x.dtype), x)
-    return x
-
-
 def oracle_sort_rows(x, descending):
     if x.shape[-1] == 0:
         return x.copy(), np.zeros(x.shape, np.int64)
-    perm = reference_sort_rows(order_keys(x), descending)[1]
+    perm = reference_sort_rows(flush_subnormals(x), descending)[1]
     return np.take_along_axis(x, perm, axis=-1), perm
 
 
@@ -111,7 +89,7 @@ def test_segmented_sort_ragged_equals_oracle(data, descending):
     values, perm = segmented_sort(x, offsets, descending=descending)
     assert_same_bits(x, x_copy)
     offsets64 = offsets.astype(np.int64)
-    ref_perm = reference_segmented_sort(order_keys(x_copy), offsets64, descending)[1]
+    ref_perm = reference_segmented_sort(flush_subnormals(x_copy), offsets64, descending)[1]
     np.testing.assert_array_equal(perm, ref_perm)
     starts = np.repeat(offsets64[:-1], np.diff(offsets64))
     end = int(offsets64[-1])

@@ -7,6 +7,7 @@ payloads), permutations exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -15,87 +16,30 @@ import numpy as np
 import pytest
 
 from sortgrad.kernels import segmented_sort
-from sortgrad.testing import (reference_argsort, reference_segmented_sort,
+from sortgrad.testing import (FLOAT_DTYPES, INT_DTYPES, SIZES, assert_same_bits, bits, dtype_id,
+                              flush_subnormals, reference_argsort, reference_segmented_sort,
                               reference_sort_rows)
+from sortgrad.testing import make_keys as _make_keys
 
-FLOAT_DTYPES = [np.float16, jnp.bfloat16, np.float32, np.float64]
-INT_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint32]
-ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES
-SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
+ALL_DTYPES = [*FLOAT_DTYPES, *INT_DTYPES]
 PATTERNS = ["random", "ties", "special"]
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-# quiet NaNs with a payload, both signs, as raw bits per width / dtype name
-PAYLOAD_NANS = {"float16": (0x7E01, 0xFE03), "bfloat16": (0x7FC1, 0xFFC3),
-                "float32": (0x7FC00001, 0xFFC00003),
-                "float64": (0x7FF8000000000001, 0xFFF8000000000003)}
 
-
-def dtype_id(dt):
-    return np.dtype(dt).name
-
-
-def make_keys(rng, shape, dtype, pattern, subnormals=True, payloads=True):
-    """Keys of `dtype`: "random", "ties" (0..3), "special" (signed zeros, NaNs of both signs
-    with and without payload, infinities, extremes, ties, subnormals of both signs unless told
-    not to; NaN payloads unless told not to: jnp.sort of bfloat16 on CPU does not keep them)."""
-    dtype = np.dtype(dtype)
-    if pattern == "ties":
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if pattern == "random":
-            return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
-        pool = np.array([info.min, info.min + 1, 0, 1, 2, info.max - 1, info.max], dtype=dtype)
-        return rng.choice(pool, size=shape)
-    if pattern == "random":
-        return (rng.standard_normal(shape) * 100).astype(dtype)
-    neg_nan = math.copysign(math.nan, -1.0)
-    pool = np.array([0.0, -0.0, math.nan, neg_nan, math.inf, -math.inf, 1.0, -1.0, 2.0, 0.5,
-                     float(ml_dtypes.finfo(dtype).max), -float(ml_dtypes.finfo(dtype).max),
-                     float(ml_dtypes.finfo(dtype).smallest_subnormal if subnormals else 3.0),
-                     -float(ml_dtypes.finfo(dtype).smallest_subnormal if subnormals else 3.0),
-                     float(ml_dtypes.finfo(dtype).tiny)], dtype=dtype)
-    out = rng.choice(pool, size=shape)
-    flat = out.reshape(-1).view(UINT[dtype.itemsize])
-    if payloads and flat.size >= 4:  # a few payload NaNs too: values must keep their exact bits
-        pos, neg = PAYLOAD_NANS[dtype.name]
-        where = rng.choice(flat.size, size=max(1, flat.size // 16), replace=False)
-        flat[where] = np.where(rng.random(where.size) < 0.5, pos, neg).astype(flat.dtype)
-    return out
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(UINT[a.dtype.itemsize])
-
-
-def assert_same_bits(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_array_equal(bits(actual), bits(expected))
-
-
-def order_keys(x):
-    """The keys the order is defined on: jnp.sort on XLA:CPU compares float32, float64 and
-    bfloat16 subnormals as zeros (float16 is widened to float32 first, so its subnormals stay
-    numbers). The values themselves keep their bits."""
-    if x.dtype.kind == "f" or x.dtype == jnp.bfloat16:
-        if x.dtype != np.float16:
-            tiny = ml_dtypes.finfo(x.dtype).tiny
-            x = np.where(np.abs(x.astype(np.float64)) < float(tiny), np.zeros((), x.dtype), x)
-    return x
+# Keys (sortgrad.testing.make_keys): the full "special" pool (signed zeros, NaNs of both signs,
+# infinities, extremes, ties, subnormals of both signs, the smallest normal) and NaN payloads
+# unless told not to (jnp.sort of bfloat16 on CPU does not keep them).
+make_keys = functools.partial(_make_keys, payloads=True)
 
 
 def reference_rows(x, descending):
-    """The oracle on the order keys; 64-bit integers through jnp.argsort(stable=True), because
-    the Python oracle compares them as floats (exact only up to 2**53)."""
+    """The oracle on the order keys (subnormals flushed, as jnp.sort compares them); 64-bit
+    integers through jnp.argsort(stable=True), because the Python oracle compares them as
+    floats (exact only up to 2**53)."""
     if x.shape[-1] == 0:  # (the oracle cannot reshape empty rows)
         return x.copy(), np.zeros(x.shape, np.int64)
     if x.dtype in (np.int64, np.uint64):
         perm = np.asarray(jnp.argsort(x, axis=-1, stable=True, descending=descending))
     else:
-        perm = reference_sort_rows(order_keys(x), descending)[1]
+        perm = reference_sort_rows(flush_subnormals(x), descending)[1]
     return np.take_along_axis(x, perm, axis=-1), perm
 
 
@@ -265,7 +209,7 @@ RAGGED_LAYOUTS = {
 
 def reference_ragged(x, offsets, descending):
     if x.dtype not in (np.int64, np.uint64):
-        perm = reference_segmented_sort(order_keys(x), offsets, descending)[1]
+        perm = reference_segmented_sort(flush_subnormals(x), offsets, descending)[1]
         starts = np.repeat(offsets[:-1], np.diff(offsets))
         values = x.copy()
         values[:offsets[-1]] = x[starts + perm[:offsets[-1]]]
@@ -337,8 +281,8 @@ def test_ragged_segments_are_independent():
     values, perm = segmented_sort(x, offsets)
     for a, b in zip(offsets[:-1], offsets[1:]):
         seg = x[a:b]
-        np.testing.assert_array_equal(perm[a:b], reference_argsort(order_keys(seg)))
-        assert_same_bits(values[a:b], seg[reference_argsort(order_keys(seg))])
+        np.testing.assert_array_equal(perm[a:b], reference_argsort(flush_subnormals(seg)))
+        assert_same_bits(values[a:b], seg[reference_argsort(flush_subnormals(seg))])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

@@ -9,67 +9,25 @@ also orders NaNs by payload. Data with NaN payloads is therefore checked against
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from sortgrad.kernels import top_k
-from sortgrad.testing import reference_top_k
+from sortgrad.testing import (FLOAT_DTYPES, INT_DTYPES, SIZES, assert_same_bits, bits, dtype_id,
+                              reference_top_k)
+from sortgrad.testing import make_keys as _make_keys
 
-FLOAT_DTYPES = [np.float16, jnp.bfloat16, np.float32, np.float64]
-INT_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint32]
-ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES
-SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-PAYLOAD_NANS = {"float16": (0x7E01, 0xFE03), "bfloat16": (0x7FC1, 0xFFC3),
-                "float32": (0x7FC00001, 0xFFC00003),
-                "float64": (0x7FF8000000000001, 0xFFF8000000000003)}
+ALL_DTYPES = [*FLOAT_DTYPES, *INT_DTYPES]
 
-
-def dtype_id(dt):
-    return np.dtype(dt).name
-
-
-def make_keys(rng, shape, dtype, pattern, payloads=False):
-    dtype = np.dtype(dtype)
-    if pattern == "ties":
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if pattern == "random":
-            return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
-        pool = np.array([info.min, info.min + 1, 0, 1, 2, info.max - 1, info.max], dtype=dtype)
-        return rng.choice(pool, size=shape)
-    if pattern == "random":
-        return (rng.standard_normal(shape) * 100).astype(dtype)
-    finfo = ml_dtypes.finfo(dtype)
-    pool = np.array([0.0, -0.0, math.nan, math.copysign(math.nan, -1.0), math.inf, -math.inf,
-                     1.0, -1.0, 2.0, float(finfo.max), -float(finfo.max),
-                     float(finfo.smallest_subnormal), -float(finfo.smallest_subnormal)],
-                    dtype=dtype)
-    out = rng.choice(pool, size=shape)
-    flat = out.reshape(-1).view(UINT[dtype.itemsize])
-    if payloads and flat.size >= 4:
-        pos, neg = PAYLOAD_NANS[dtype.name]
-        where = rng.choice(flat.size, size=max(1, flat.size // 16), replace=False)
-        flat[where] = np.where(rng.random(where.size) < 0.5, pos, neg).astype(flat.dtype)
-    return out
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.view(UINT[a.dtype.itemsize])
-
-
-def assert_same_bits(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_array_equal(bits(actual), bits(expected))
+# Keys (sortgrad.testing.make_keys): the "special" pool without 0.5 and without the smallest
+# normal (signed zeros, NaNs of both signs, infinities, extremes, subnormals of both signs);
+# NaN payloads only where asked for.
+make_keys = functools.partial(_make_keys, half=False, tiny=False)
 
 
 def reference_rows(x, k):

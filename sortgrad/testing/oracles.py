@@ -1,4 +1,4 @@
-"""Independent reference implementations (oracles) for the tests.
+"""Independent reference implementations (oracles) for the tests and benchmarks.
 
 Nothing here imports sortgrad.kernels or sortgrad.bindings: these are slow, plain Python /
 float64 NumPy versions written straight from the definitions, so that a bug in a kernel cannot
