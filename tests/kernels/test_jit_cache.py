@@ -10,6 +10,7 @@ edit although the kernel's own file is unchanged; a run without edits must load 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from pathlib import Path
 import numba
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sortgrad"
+# the sources under test, found without importing them (the tests run copies)
+PACKAGE = Path(importlib.util.find_spec("sortgrad").origin).resolve().parent
 
 PROBE_MODULE = "_probe_jit_cache"
 PROBE = '''\
