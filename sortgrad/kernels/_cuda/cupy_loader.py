@@ -159,6 +159,25 @@ def get_kernel(package: str, filename: str, name_expression: str):
     return kernel
 
 
+# --- shared by the op modules: raw bits and row batches ------------------------------------------
+
+# C type of the raw bits by element width (kernels move values as bits)
+C_BITS = {1: "unsigned char", 2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
+_UINT = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+MAX_ROWS_PER_LAUNCH = 1 << 30  # kernels number rows (segments) with int32
+
+
+def bits(a):
+    """The raw bits of an array (a view as unsigned integers of the element width)."""
+    return a.view(_UINT[a.dtype.itemsize])
+
+
+def row_batches(rows: int):
+    """(start, stop) row ranges of at most MAX_ROWS_PER_LAUNCH rows."""
+    for start in range(0, rows, MAX_ROWS_PER_LAUNCH):
+        yield start, min(rows, start + MAX_ROWS_PER_LAUNCH)
+
+
 # --- launching (the op modules go through these, so tests can run them on the host emulator) ---
 
 def xp():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._cuda import cupy_loader as _loader
-from ..segmented_sort._cupy import C_BITS, bits, row_batches
+from .._cuda.cupy_loader import C_BITS, bits, row_batches
 
 PACKAGE = "sortgrad.kernels.permutation"
 SOURCE = "permutation.cu"

@@ -23,9 +23,7 @@ from .._cuda import cupy_loader as _loader
 PACKAGE = "sortgrad.kernels.segmented_sort"
 SOURCE = "segmented_sort.cu"
 
-# C type of the raw bits by element width; NumPy dtype of the same
-C_BITS = {1: "unsigned char", 2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+C_BITS, bits, row_batches = _loader.C_BITS, _loader.bits, _loader.row_batches
 
 CUDA_SOURCES = {
     SOURCE: tuple(f"sg_{kernel}<{c}>" for kernel in ("sort_small", "sort_tiles", "merge_pass")
@@ -41,24 +39,12 @@ THREADS = 256
 TILE_ITEMS = 2048
 LOG2_TILE_ITEMS = 11
 MIN_LOG2_TILE = 3  # at least one thread's 8 items per segment
-MAX_ROWS_PER_LAUNCH = 1 << 30  # kernels number rows (segments) with int32
-
-
-def row_batches(rows: int):
-    """(start, stop) row ranges of at most MAX_ROWS_PER_LAUNCH rows."""
-    for start in range(0, rows, MAX_ROWS_PER_LAUNCH):
-        yield start, min(rows, start + MAX_ROWS_PER_LAUNCH)
 
 
 def kind_of(dtype) -> int:
     """KIND_FLOAT (2), KIND_SIGNED (1) or KIND_UNSIGNED (0; bool too)."""
     kind = np.dtype(dtype).kind
     return 2 if kind == "f" else 1 if kind == "i" else 0
-
-
-def bits(a):
-    """The raw bits of an array (a view as unsigned integers of the element width)."""
-    return a.view(_UINT[np.dtype(a.dtype).itemsize])
 
 
 def _ceil_log2(x: int) -> int:

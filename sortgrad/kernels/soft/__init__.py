@@ -35,13 +35,19 @@ __all__ = ["soft_rank", "soft_rank_vjp", "soft_sort", "soft_sort_vjp", "soft_top
            "soft_top_k_mask_vjp"]
 
 
-def _data(x, name: str, backend: str):
-    """x as (array, rows, compute dtype): 16-bit floats computed in float32 on the CPU."""
-    dtype = float_compute_dtype(x.dtype, name, "soft ops")
-    if backend != "cpu":
-        check_data_dtype(x, name, backend, "soft")
-        dtype = np.dtype(x.dtype)
-    return rows_of(x, backend, dtype), dtype
+def _data(x, name: str, backend: str, dtype=None):
+    """(rows, compute dtype) of a float array: on the CPU converted to `dtype` (default: x's
+    compute dtype, float32 for 16-bit floats); device arrays must already have a dtype the
+    module takes, equal to `dtype` when one is given (nothing is converted on a device)."""
+    compute = float_compute_dtype(x.dtype, name, "soft ops")
+    if backend == "cpu":
+        dtype = compute if dtype is None else dtype
+        return rows_of(x, backend, dtype), dtype
+    check_data_dtype(x, name, backend, "soft")
+    if dtype is not None and np.dtype(x.dtype) != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}) on backend={backend!r}, got "
+                        f"{x.dtype}")
+    return rows_of(x, backend), np.dtype(x.dtype)
 
 
 def _forward(function: str, x, static: tuple, out, backend, stream):
@@ -69,22 +75,18 @@ def _vjp(function: str, cotangent, x, residuals: dict, static: tuple, out, backe
     check_same_shape({"cotangent": shape_of(g), "x": shape,
                       **{name: shape_of(a) for name, a in arrays.items()}})
     rows, dtype = _data(x, "x", backend)
-    g_rows, _ = _data(g, "cotangent", backend)
-    if np.dtype(g.dtype) != np.dtype(x.dtype) and backend != "cpu":
-        raise TypeError(f"cotangent must have the dtype of x ({x.dtype}) on backend={backend!r},"
-                        f" got {g.dtype}")
+    g_rows, _ = _data(g, "cotangent", backend, dtype)
     residual_rows = []
     for name, a in arrays.items():
         if name == "ranks":
-            residual_rows.append(_data(a, name, backend)[0].astype(dtype, copy=False))
+            residual_rows.append(_data(a, name, backend, dtype)[0])
             continue
         check_index_dtype(a.dtype, name)
         if backend != "cpu" and np.dtype(a.dtype) != np.int32:
             raise TypeError(f"{name} must be int32 on backend={backend!r}, got dtype {a.dtype}")
         residual_rows.append(rows_of(a, backend, np.int32))
     outs = output_rows(out, [("dx", shape, dtype)], backend)
-    result = call_rows("soft", function, backend, stream, g_rows.astype(dtype, copy=False),
-                       rows, *residual_rows, *static, out=None if outs is None else outs[0])
+    result = call_rows("soft", function, backend, stream, g_rows, rows, *residual_rows, *static, out=None if outs is None else outs[0])
     return shaped(result, [shape], out)
 
 

@@ -28,7 +28,7 @@ SOURCE = "top_k.cu"
 
 CUDA_SOURCES = {
     SOURCE: tuple(f"sg_topk_{kernel}<{c}>" for kernel in ("filter", "radix")
-                  for c in _sort.C_BITS.values()),
+                  for c in _loader.C_BITS.values()),
 }
 
 DTYPES = _sort.DTYPES
@@ -42,7 +42,7 @@ MIN_CHUNK = 8192  # elements per block when a row is split (>= RADIX_MAX_K)
 
 
 def _launch(kernel: str, itemsize: int, grid: int, args) -> None:
-    _loader.launch(PACKAGE, SOURCE, f"sg_topk_{kernel}<{_sort.C_BITS[itemsize]}>", grid,
+    _loader.launch(PACKAGE, SOURCE, f"sg_topk_{kernel}<{_loader.C_BITS[itemsize]}>", grid,
                    THREADS, args)
 
 
@@ -96,7 +96,7 @@ def top_k_rows(x, k: int, *, out=None, stream=None):
         if n <= REGISTER_ROW or (n <= BLOCK_ROW and k > FILTER_MAX_K) or k > RADIX_MAX_K:
             _sort.sort_rows_into(x, values, indices, _sort.MODE_TOPK, k)
             return values, indices
-        for r0, r1 in _sort.row_batches(rows):
-            xb, vb, ib = _sort.bits(x[r0:r1]), _sort.bits(values[r0:r1]), indices[r0:r1]
+        for r0, r1 in _loader.row_batches(rows):
+            xb, vb, ib = _loader.bits(x[r0:r1]), _loader.bits(values[r0:r1]), indices[r0:r1]
             _select("filter" if k <= FILTER_MAX_K else "radix", xb, vb, ib, k, kind)
     return values, indices
