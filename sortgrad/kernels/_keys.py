@@ -125,13 +125,3 @@ def keys(x: np.ndarray, spec: KeySpec) -> np.ndarray:
     if x.size:
         _keys_kernel(np.ascontiguousarray(raw_bits(x)).reshape(-1), spec, out.reshape(-1))
     return out
-
-
-def sort_keys(x: np.ndarray, descending: bool = False) -> np.ndarray:
-    """Keys in the order of `jnp.sort`."""
-    return keys(x, key_spec(x.dtype, canonical=True, descending=descending))
-
-
-def total_order_keys(x: np.ndarray, descending: bool = False) -> np.ndarray:
-    """Keys in IEEE totalOrder for floats, numeric order for integers."""
-    return keys(x, key_spec(x.dtype, canonical=False, descending=descending))

@@ -237,14 +237,3 @@ def _multiprocessor_count(device_id: int) -> int:
 def multiprocessor_count() -> int:
     """Streaming multiprocessors of the current device (sizes grids of few long rows)."""
     return _multiprocessor_count(_device_id())
-
-
-def all_cuda_sources() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(package, filename, name_expressions) of every `.cu` file of the op packages that have
-    a `_cupy.py`."""
-    out = []
-    for package in OP_PACKAGES:
-        sources = _package_sources(package)
-        for filename, expressions in (sources or {}).items():
-            out.append((package, filename, tuple(expressions)))
-    return out

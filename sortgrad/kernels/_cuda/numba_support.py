@@ -74,6 +74,8 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .._backends import array_kind
+
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 WARP_SIZE = 32
 FULL_MASK = 0xFFFFFFFF
@@ -83,24 +85,13 @@ _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 # --- arrays and streams ------------------------------------------------------------------------
 
-def _kind(x) -> str:
-    module = type(x).__module__
-    if module.startswith("cupy"):
-        return "cupy"
-    if module.startswith("numba.cuda"):
-        return "numba"
-    if hasattr(x, "__cuda_array_interface__"):
-        return "cuda"
-    return "host"
-
-
 def as_device(x):
     """(Numba device array, kind) for a device array; TypeError for host arrays.
 
     CuPy and other `__cuda_array_interface__` objects are wrapped zero-copy with `sync=False`:
     their exported stream is not synchronised (the caller launches on the right stream).
     """
-    kind = _kind(x)
+    kind = array_kind(x)
     if kind == "numba":
         return x, kind
     if kind == "host":
@@ -134,7 +125,7 @@ def resolve_stream(stream=None, x=None):
     if SIMULATOR:
         return 0 if stream is None else stream
     if stream is None:
-        if x is not None and _kind(x) == "cupy":
+        if x is not None and array_kind(x) == "cupy":
             ptr = _cupy_current_stream_ptr()
             return cuda.external_stream(ptr) if ptr else cuda.default_stream()
         return cuda.default_stream()

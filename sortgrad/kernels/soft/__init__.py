@@ -86,7 +86,8 @@ def _vjp(function: str, cotangent, x, residuals: dict, static: tuple, out, backe
             raise TypeError(f"{name} must be int32 on backend={backend!r}, got dtype {a.dtype}")
         residual_rows.append(rows_of(a, backend, np.int32))
     outs = output_rows(out, [("dx", shape, dtype)], backend)
-    result = call_rows("soft", function, backend, stream, g_rows, rows, *residual_rows, *static, out=None if outs is None else outs[0])
+    result = call_rows("soft", function, backend, stream, g_rows, rows, *residual_rows, *static,
+                       out=None if outs is None else outs[0])
     return shaped(result, [shape], out)
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._cuda import cupy_loader as _loader
+from . import _device_plan
+from ._device_plan import PREP_SORT_KL
 
 PACKAGE = "sortgrad.kernels.soft"
 SOURCE = "soft.cu"
@@ -40,9 +42,6 @@ DTYPES = ("float32", "float64")
 # Mirrors of soft.cu's constants.
 BLOCK = 256
 STAGE = 2048  # BLOCK * ITEMS: rows of n <= STAGE are staged in shared memory, STAGE // n a block
-PREP_RANK_L2, PREP_RANK_KL, PREP_SORT_L2, PREP_SORT_KL, PREP_MASK = range(5)
-VJP_RANK_L2, VJP_RANK_KL, VJP_SORT_L2, VJP_SORT_KL = range(4)
-FIN_RANK_L2, FIN_RANK_KL, FIN_MASK, FIN_SORT, FIN_VJP_RANK, FIN_VJP_SORT = range(6)
 
 _CTYPE = {"float32": "float", "float64": "double"}
 _KERNELS = ("soft_fwd_prep", "soft_vjp_prep", "soft_finish")
@@ -119,30 +118,6 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
     return values, perm, block_ids
 
 
-def soft_rank_rows(x, eps: float, regularization: str, descending: bool, *, out=None,
-                   stream=None):
-    """Ranks in [1, n] (rank 1 = smallest when ascending) -> (ranks, perm, block_ids)."""
-    scale = (-1.0 if descending else 1.0) / eps
-    kl = regularization == "kl"
-    return _forward(x, out, stream, scale > 0, PREP_RANK_KL if kl else PREP_RANK_L2,
-                    FIN_RANK_KL if kl else FIN_RANK_L2, regularization, scale)
-
-
-def soft_sort_rows(x, eps: float, regularization: str, descending: bool, *, out=None,
-                   stream=None):
-    """Soft sorted values (in sorted order) -> (values, perm, block_ids); ascending is
-    -soft_sort_desc(-x)."""
-    sign = 1.0 if descending else -1.0
-    kl = regularization == "kl"
-    return _forward(x, out, stream, bool(descending), PREP_SORT_KL if kl else PREP_SORT_L2,
-                    FIN_SORT, regularization, sign, inv_eps=1.0 / eps)
-
-
-def soft_top_k_mask_rows(x, k: int, eps: float, *, out=None, stream=None):
-    """Projection of x/eps onto the permutahedron of (1,...,1,0,...,0) with k ones (L2)."""
-    return _forward(x, out, stream, True, PREP_MASK, FIN_MASK, "l2", 1.0 / eps, k=int(k))
-
-
 # --- backward ---------------------------------------------------------------------------------
 
 def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode: int,
@@ -175,27 +150,5 @@ def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode
     return dx
 
 
-def soft_rank_vjp_rows(g, x, ranks, perm, block_ids, eps: float, regularization: str,
-                       descending: bool, *, out=None, stream=None):
-    """L2: dx[perm] = (g_s - blockmean(g_s)) / eps; KL: a = r_s * g_s,
-    dx[perm] = (a - softmax(s_B) * blocksum(a)) / eps (signed scale when descending)."""
-    scale = (-1.0 if descending else 1.0) / eps
-    kl = regularization == "kl"
-    return _backward(g, x, ranks, perm, block_ids, out, stream,
-                     VJP_RANK_KL if kl else VJP_RANK_L2, FIN_VJP_RANK, regularization, scale)
-
-
-def soft_sort_vjp_rows(g, x, perm, block_ids, eps: float, regularization: str,
-                       descending: bool, *, out=None, stream=None):
-    """L2: dx[perm] = blockmean(g); KL: dx[perm] = softmax(s_B) * blocksum(g), s the sorted
-    (signed) input values."""
-    sign = 1.0 if descending else -1.0
-    kl = regularization == "kl"
-    return _backward(g, x, None, perm, block_ids, out, stream,
-                     VJP_SORT_KL if kl else VJP_SORT_L2, FIN_VJP_SORT, regularization, sign)
-
-
-def soft_top_k_mask_vjp_rows(g, x, perm, block_ids, eps: float, *, out=None, stream=None):
-    """dx[perm] = (g_s - blockmean(g_s)) / eps."""
-    return _backward(g, x, None, perm, block_ids, out, stream, VJP_RANK_L2, FIN_VJP_RANK,
-                     "l2", 1.0 / eps)
+(soft_rank_rows, soft_sort_rows, soft_top_k_mask_rows, soft_rank_vjp_rows, soft_sort_vjp_rows,
+ soft_top_k_mask_vjp_rows) = _device_plan.row_functions(_forward, _backward)

@@ -41,15 +41,15 @@ import numpy as np
 from numba import cuda
 
 from .._cuda import numba_support as ns
+from . import _device_plan
+from ._device_plan import (FIN_MASK, FIN_RANK_KL, FIN_RANK_L2, FIN_SORT, FIN_VJP_RANK,
+                           PREP_MASK, PREP_RANK_KL, PREP_RANK_L2, PREP_SORT_KL,
+                           PREP_SORT_L2, VJP_RANK_KL, VJP_RANK_L2, VJP_SORT_KL)
 
 DTYPES = ("float32", "float64")
 
 BLOCK = 256   # threads per block (a multiple of 32, at most 1024)
 ITEMS = 8     # entries per thread of a staged block; STAGE = BLOCK * ITEMS
-
-PREP_RANK_L2, PREP_RANK_KL, PREP_SORT_L2, PREP_SORT_KL, PREP_MASK = range(5)
-VJP_RANK_L2, VJP_RANK_KL, VJP_SORT_L2, VJP_SORT_KL = range(4)
-FIN_RANK_L2, FIN_RANK_KL, FIN_MASK, FIN_SORT, FIN_VJP_RANK, FIN_VJP_SORT = range(6)
 
 
 def _config():
@@ -332,30 +332,6 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
     return tuple(out)
 
 
-def soft_rank_rows(x, eps: float, regularization: str, descending: bool, *, out=None,
-                   stream=None):
-    """Ranks in [1, n] (rank 1 = smallest when ascending) -> (ranks, perm, block_ids)."""
-    scale = (-1.0 if descending else 1.0) / eps
-    kl = regularization == "kl"
-    return _forward(x, out, stream, scale > 0, PREP_RANK_KL if kl else PREP_RANK_L2,
-                    FIN_RANK_KL if kl else FIN_RANK_L2, regularization, scale)
-
-
-def soft_sort_rows(x, eps: float, regularization: str, descending: bool, *, out=None,
-                   stream=None):
-    """Soft sorted values (in sorted order) -> (values, perm, block_ids); ascending is
-    -soft_sort_desc(-x)."""
-    sign = 1.0 if descending else -1.0
-    kl = regularization == "kl"
-    return _forward(x, out, stream, bool(descending), PREP_SORT_KL if kl else PREP_SORT_L2,
-                    FIN_SORT, regularization, sign, inv_eps=1.0 / eps)
-
-
-def soft_top_k_mask_rows(x, k: int, eps: float, *, out=None, stream=None):
-    """Projection of x/eps onto the permutahedron of (1,...,1,0,...,0) with k ones (L2)."""
-    return _forward(x, out, stream, True, PREP_MASK, FIN_MASK, "l2", 1.0 / eps, k=int(k))
-
-
 # --- backward ---------------------------------------------------------------------------------
 
 def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode: int,
@@ -392,32 +368,6 @@ def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode
     return out
 
 
-def soft_rank_vjp_rows(g, x, ranks, perm, block_ids, eps: float, regularization: str,
-                       descending: bool, *, out=None, stream=None):
-    """L2: dx[perm] = (g_s - blockmean(g_s)) / eps; KL: a = r_s * g_s,
-    dx[perm] = (a - softmax(s_B) * blocksum(a)) / eps (signed scale when descending)."""
-    scale = (-1.0 if descending else 1.0) / eps
-    kl = regularization == "kl"
-    return _backward(g, x, ranks, perm, block_ids, out, stream,
-                     VJP_RANK_KL if kl else VJP_RANK_L2, FIN_VJP_RANK, regularization, scale)
-
-
-def soft_sort_vjp_rows(g, x, perm, block_ids, eps: float, regularization: str,
-                       descending: bool, *, out=None, stream=None):
-    """L2: dx[perm] = blockmean(g); KL: dx[perm] = softmax(s_B) * blocksum(g), s the sorted
-    (signed) input values."""
-    sign = 1.0 if descending else -1.0
-    kl = regularization == "kl"
-    return _backward(g, x, None, perm, block_ids, out, stream,
-                     VJP_SORT_KL if kl else VJP_SORT_L2, FIN_VJP_SORT, regularization, sign)
-
-
-def soft_top_k_mask_vjp_rows(g, x, perm, block_ids, eps: float, *, out=None, stream=None):
-    """dx[perm] = (g_s - blockmean(g_s)) / eps."""
-    return _backward(g, x, None, perm, block_ids, out, stream, VJP_RANK_L2, FIN_VJP_RANK,
-                     "l2", 1.0 / eps)
-
-
 # --- compilation check --------------------------------------------------------------------------
 
 def ptx_cases(dtypes=("float32", "float64")):
@@ -439,3 +389,7 @@ def ptx_cases(dtypes=("float32", "float64")):
                           (f64, f64, i32, i32, t, i32, i32, b1, i64, i64, i64, nt.float64,
                            nt.float64)))
     return cases
+
+
+(soft_rank_rows, soft_sort_rows, soft_top_k_mask_rows, soft_rank_vjp_rows, soft_sort_vjp_rows,
+ soft_top_k_mask_vjp_rows) = _device_plan.row_functions(_forward, _backward)
