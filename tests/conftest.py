@@ -63,3 +63,5 @@ if _MISSING is None:
     # run yet). The package itself patches nothing.
     from _emulation import numba_simulator
     numba_simulator.install()
+
+    from _backends import backend, cuda_emulator  # noqa: F401  (the backend fixture)

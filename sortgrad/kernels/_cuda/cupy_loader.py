@@ -1,6 +1,6 @@
 """CuPy module loader: the package's CUDA C sources compiled with NVRTC, cached per device.
 
-Contract (shared by every op's `_cupy.py` and by tests/test_cuda_compile.py):
+Contract (shared by every op's `_cupy.py` and by tests/kernels/test_cuda_compile.py):
 - each op package `sortgrad.kernels.<op>` ships `.cu` files as package data, and its `_cupy.py`
   declares at module level (importable without CuPy)
   `CUDA_SOURCES = {"file.cu": ("name_expression", ...)}` listing every template
