@@ -126,8 +126,9 @@ _NUMBA_SOFT = "sortgrad.kernels.soft._numba_cuda"
 # Lowered Numba launch constants per op: (module, name, value, raising). Hard ops: 16-element
 # sort tiles (rows of 17+ take merge passes), top-k of at most 8 by radix select with a 16-key
 # row cache and 8-element split chunks, 16-entry permutation stages. Isotonic: 32-thread blocks
-# of 4 entries per thread (33 entries span 9 threads and 4 merge levels). Soft: the constants of
-# tests/test_soft_device.py (where they exist: raising=False).
+# of 4 entries per thread (33 entries span 9 threads and 4 merge levels). Soft (and the ops it
+# composes, where the constants exist: raising=False): 32-thread blocks, a 128-entry stage (so
+# that n = 1025 takes the direct global-memory path), 256-entry sort tiles.
 _HARD = [(_NUMBA_SORT, "SORT_TILE", 16, True), (_NUMBA_SORT, "SORT_THREADS", 32, True),
          (_NUMBA_SORT, "MERGE_THREADS", 32, True), (_NUMBA_SORT, "MERGE_ITEMS", 4, True),
          (_NUMBA_TOPK, "TOPK_THREADS", 32, True), (_NUMBA_TOPK, "TOPK_MAX_K", 8, True),
