@@ -131,7 +131,8 @@ def test_simulator_shared_arrays_are_one_per_block_and_call_site(monkeypatch):
 
 # --- Numba CUDA: the kernels compile for the real target (NVVM, no GPU needed) -------------------
 
-_HARD_PTX_SCRIPT = textwrap.dedent("""
+# Exit 77 (a skip) where NVVM is missing; each kernel script below runs after it.
+_NVVM_PREAMBLE = textwrap.dedent("""
     import sys
     try:
         from numba.cuda.cudadrv.nvvm import NVVM
@@ -139,6 +140,9 @@ _HARD_PTX_SCRIPT = textwrap.dedent("""
     except Exception as err:
         print("no NVVM:", err)
         sys.exit(77)
+""")
+
+_HARD_PTX_SCRIPT = textwrap.dedent("""
     from sortgrad.kernels._cuda import numba_support as ns
     from sortgrad.kernels.permutation import _numba_cuda as perm_nb
     from sortgrad.kernels.segmented_sort import _numba_cuda as sort_nb
@@ -151,16 +155,9 @@ _HARD_PTX_SCRIPT = textwrap.dedent("""
 """)
 
 _ISOTONIC_PTX_SCRIPT = textwrap.dedent("""
-    import sys
     from numba import types as nt
     from sortgrad.kernels._cuda import numba_support as ns
     from sortgrad.kernels.isotonic import _numba_cuda as nc
-    try:
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as err:
-        print("no NVVM:", err)
-        sys.exit(77)
     # both regularizations in shared memory, one global-scratch variant (the kernels differ
     # only in where the work arrays come from), float64 once (loads and final casts)
     variants = [("float32", "l2", True), ("float32", "kl", True), ("float64", "kl", False)]
@@ -179,15 +176,23 @@ _ISOTONIC_PTX_SCRIPT = textwrap.dedent("""
 """)
 
 
+_SOFT_PTX_SCRIPT = textwrap.dedent("""
+    from sortgrad.kernels._cuda import numba_support as ns
+    from sortgrad.kernels.soft import _numba_cuda as nb
+    ptx = ns.compile_ptx_cases(nb.ptx_cases(), cc=(8, 0))
+    assert ptx and all(".entry" in p for p in ptx.values())
+""")
+
+
 @needs_simulator  # a GPU run compiles the kernels anyway
-@pytest.mark.parametrize("script", [_HARD_PTX_SCRIPT, _ISOTONIC_PTX_SCRIPT],
-                         ids=["sort-top_k-permutation", "isotonic"])
+@pytest.mark.parametrize("script", [_HARD_PTX_SCRIPT, _ISOTONIC_PTX_SCRIPT, _SOFT_PTX_SCRIPT],
+                         ids=["sort-top_k-permutation", "isotonic", "soft"])
 def test_numba_kernels_compile_to_ptx(script):
     """The simulator does not type-check: compile the kernel variants with NVVM to PTX."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", SORTGRAD_TEST_CUDASIM="0")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300, check=False)
+    result = subprocess.run([sys.executable, "-c", _NVVM_PREAMBLE + script], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr
