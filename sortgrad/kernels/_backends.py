@@ -114,6 +114,23 @@ def resolve_backend(arrays, backend: str | None) -> str:
             raise TypeError("backend='cpu' takes host (NumPy) arrays; got a device array "
                             "(copy it to the host first, e.g. .get() or .copy_to_host())")
         return backend
+    require_device(backend)
+    return backend
+
+
+_READY: set = set()  # device backends found able to run (checked once per process)
+
+
+def require_device(backend: str) -> None:
+    """Raises unless the device backend can run here: ImportError naming the pip extra when its
+    library is missing, RuntimeError without a GPU (Numba: or its simulator)."""
+    if backend in _READY:
+        return
+    _check_device(backend)
+    _READY.add(backend)
+
+
+def _check_device(backend: str) -> None:
     if backend == "cupy":
         try:
             import cupy
@@ -126,7 +143,7 @@ def resolve_backend(arrays, backend: str | None) -> str:
         if count == 0:
             raise RuntimeError(f"backend='cupy' needs a CUDA GPU and driver; none was found "
                                f"({GPU_EXTRA})")
-        return backend
+        return
     try:
         from numba import cuda
     except ImportError as err:  # pragma: no cover - numba is a core dependency
@@ -135,7 +152,6 @@ def resolve_backend(arrays, backend: str | None) -> str:
     if not cuda.is_available():
         raise RuntimeError("backend='numba' needs a CUDA GPU and driver, or Numba's CUDA "
                            "simulator (NUMBA_ENABLE_CUDASIM=1); none was found")
-    return backend
 
 
 # --- arrays as the backend takes them ------------------------------------------------------------

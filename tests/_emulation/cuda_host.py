@@ -4,12 +4,14 @@ to this file: every CUDA thread a fiber; barriers and warp collectives emulated 
 the `_cupy.py` module runs unchanged on NumPy arrays.
 
 How it plugs in: every `_cupy.py` reaches CuPy only through four hooks of
-`sortgrad.kernels._cuda.cupy_loader` -- `xp()` (the array module it allocates with),
-`stream_scope(stream, like)`, `launch(package, filename, name_expression, grid, block, args,
-shared_mem=0)` and `multiprocessor_count()`. `Emulator.installed()` swaps them for host
-versions: `xp()` is `HOST_XP` (NumPy whose `empty` fills new arrays with the byte 0xA5, so an
-output entry a kernel forgets to write shows up), `launch` runs the instantiation in the
-emulator, `stream_scope` does nothing, `multiprocessor_count()` is `Emulator.sm_count`.
+`sortgrad.kernels._cuda.cupy_loader` -- `array_module()` (the array module behind `xp()`, which
+the modules allocate with), `stream_scope(stream, like)`, `launch(package, filename,
+name_expression, grid, block, args, shared_mem=0)` and `multiprocessor_count()`.
+`Emulator.installed()` swaps them for host versions: `array_module()` is `HOST_XP` (NumPy whose
+`empty` fills new arrays with the byte 0xA5, so an output entry a kernel forgets to write shows
+up), `launch` runs the instantiation in the emulator, `stream_scope` does nothing,
+`multiprocessor_count()` is `Emulator.sm_count`. Workspaces (`cupy_loader.xp()` carving scratch
+from a given buffer) work on top of it unchanged.
 
 Which kernels exist comes from the package's `CUDA_SOURCES` (`{"file.cu": (name expressions)}`,
 as for NVRTC): each `.cu` file is compiled once with all its instantiations, for a package
@@ -69,7 +71,7 @@ HEADER = os.path.join(EMULATION_DIR, "sortgrad_emulation.cuh")
 CUDA_DIR = os.path.dirname(os.path.abspath(cupy_loader.__file__))  # the shared .cuh files
 CXX_FLAGS = ("-std=c++17", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wall",
              "-Wno-unknown-pragmas", "-Werror")
-HOOKS = ("xp", "launch", "stream_scope", "multiprocessor_count")
+HOOKS = ("array_module", "launch", "stream_scope", "multiprocessor_count")
 MAX_PARAMS = 64
 
 
@@ -284,7 +286,7 @@ class Emulator:
     def installed(self):
         """Within the block, `cupy_loader`'s hooks run on this emulator (restored after)."""
         saved = {name: getattr(cupy_loader, name) for name in HOOKS}
-        cupy_loader.xp = lambda: HOST_XP
+        cupy_loader.array_module = lambda: HOST_XP
         cupy_loader.launch = self.launch
         cupy_loader.stream_scope = lambda stream=None, like=None: contextlib.nullcontext()
         cupy_loader.multiprocessor_count = lambda: self.sm_count

@@ -8,6 +8,12 @@ Cases come in three tiers (`over_backends`): small rows run everywhere, the simu
 tile (2048), past 4096 and ragged layouts of thousands run on every backend but the simulator;
 the longest only on real devices. Backend-specific checks (row batches of the CuPy launches,
 the public API with device arrays, argument errors) select their backends explicitly.
+
+`sort_rows(..., reverse=True)` (each sorted row read backwards, `jnp.sort(descending=True)`:
+equal keys in decreasing column order) is checked the same way, against two oracle routes
+that agree with each other (the ascending oracle read backwards; the stable sort of the
+other direction on the reversed row, columns mapped back) and, where JAX keeps the dtype,
+`jnp.sort(descending=True)` / `jnp.argsort(stable=True)` read backwards.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _backends import CUPY, DEVICE, PUBLIC, PUBLIC_DEVICE, cpu_result, on_host, over_backends, seed
@@ -22,9 +29,11 @@ from _backends import CUPY, DEVICE, PUBLIC, PUBLIC_DEVICE, cpu_result, on_host, 
 from sortgrad import kernels
 from sortgrad.kernels._cuda import cupy_loader
 from sortgrad.testing import (
+    PAYLOAD_NANS,
     SIZES,
     assert_same_bits,
     make_keys,
+    reference_argsort,
     reference_segmented_sort,
     reference_sort_rows,
 )
@@ -101,6 +110,125 @@ def test_sort_distinct_values_and_all_ties(backend):
     _check_sort(backend, x, False, values, perm, *reference_sort_rows(x, False))
 
 
+# --- sort_rows(reverse=True) --------------------------------------------------------------------
+
+# Every key dtype of the device modules (their DTYPES; no bfloat16 there).
+DEVICE_DTYPES = FLOATS + OTHER_DTYPES
+REVERSE_SIZES = (1, 31, 32, 33, 1023, 1025, 4097)
+# The simulator (lowered 16-element tiles): one element, around a warp (one tile, a partial
+# tile, merge passes), empty shapes; every key dtype at one short row and one with merges.
+REVERSE_SIM = ([(d, rows, n, "special") for d in ("float32", "float64")
+                for rows, n in [(1, 1), (2, 31), (1, 32), (2, 33), (3, 5), (1, 0), (0, 5),
+                                (2, 70)]]
+               + [("float32", 2, 33, "ties"), ("float16", 2, 33, "special"),
+                  ("float16", 1, 70, "special")]
+               + [(d, 2, n, "ties") for d in OTHER_DTYPES for n in (5, 33)])
+REVERSE_EMU = ([("float32", 1 if n >= 4097 else 3, n, p) for n in REVERSE_SIZES
+                for p in ("random", "ties", "special")]
+               + [(d, 1 if n >= 4097 else 3, n, p) for d in ("float16", "float64")
+                  for n in REVERSE_SIZES for p in ("ties", "special")]
+               + [(d, 2, n, p) for d in OTHER_DTYPES for n in (33, 1025, 4097)
+                  for p in ("random", "ties")]
+               + [("float32", rows, n, "ties") for rows, n in [(4, 0), (300, 3), (9, 100)]])
+REVERSE_GPU = ([(d, rows, n, "special") for d in ("float32", "float64")
+                for rows, n in [(3, 2047), (2, 2049), (1, 9000), (300, 129), (1, 40000)]]
+               + [("float32", rows, n, "ties") for rows, n in [(2, 2049), (1, 40000)]])
+
+
+def reference_reverse(x, descending=False):
+    """(values, perm) of `sort_rows(x, descending, reverse=True)` by two oracle routes, checked
+    against each other: the stable sort read backwards, and the stable sort of the other
+    direction on the reversed row (ties lower index first there, i.e. higher index here) with
+    columns j -> n - 1 - j."""
+    n = x.shape[-1]
+    perm = reference_sort_rows(x, descending)[1]
+    backwards = perm[..., ::-1]
+    other = np.zeros(x.shape, np.int64)
+    for index in np.ndindex(x.shape[:-1]):
+        other[index] = n - 1 - reference_argsort(x[index][::-1], not descending)
+    np.testing.assert_array_equal(backwards, other, err_msg="the two reverse oracles")
+    return np.take_along_axis(x, backwards, axis=-1), backwards
+
+
+def check_against_jnp(x, values, perm):
+    """reverse=True with descending=False is jnp.sort(descending=True) (values, bit for bit)
+    and jnp.argsort(stable=True) read backwards (perm) -- where JAX keeps the dtype (x32 mode
+    narrows 64-bit types). Not jnp.argsort(descending=True): that keeps ties in order."""
+    if x.size == 0 or jnp.asarray(x[..., :1]).dtype != x.dtype:
+        return
+    assert_same_bits(values, np.asarray(jnp.sort(x, axis=-1, descending=True)),
+                     "values vs jnp.sort(descending=True)")
+    np.testing.assert_array_equal(perm, np.asarray(jnp.argsort(x, axis=-1, stable=True))[
+        ..., ::-1], err_msg="perm vs jnp.argsort(stable=True) reversed")
+
+
+def _check_reverse(backend, x, descending, values, perm, want_values, want_perm):
+    assert perm.dtype == np.int32 and values.dtype == x.dtype
+    assert values.shape == perm.shape == x.shape
+    assert_same_bits(values, want_values, "values vs oracle")
+    np.testing.assert_array_equal(perm, want_perm, err_msg="perm vs oracle")
+    if backend.device:
+        cpu_values, cpu_perm = cpu_result(OP, "sort_rows", x, descending, reverse=True)
+        assert_same_bits(values, cpu_values, "values vs CPU backend")
+        np.testing.assert_array_equal(perm, cpu_perm, err_msg="perm vs CPU backend")
+
+
+@functools.cache
+def _reverse_case(dtype, rows, n, pattern, descending):
+    x = keys(np.random.default_rng(seed("reverse", dtype, rows, n, pattern)), (rows, n), dtype,
+             pattern)
+    return (x, *reference_reverse(x, descending))
+
+
+@over_backends("dtype,rows,n,pattern", simulator=REVERSE_SIM, emulator=REVERSE_EMU,
+               gpu=REVERSE_GPU)
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+def test_sort_rows_reverse(backend, dtype, rows, n, pattern, descending):
+    x, want_values, want_perm = _reverse_case(dtype, rows, n, pattern, descending)
+    values, perm = backend.call(OP, "sort_rows", x, descending, reverse=True)
+    _check_reverse(backend, x, descending, values, perm, want_values, want_perm)
+    if not descending:
+        check_against_jnp(x, values, perm)
+
+
+def _tie_rows(dtype, n):
+    """Rows of keys that are all equal in sort order: +0.0 / -0.0 interleaved; (floats) NaNs
+    of both signs, with and without payloads; (float32/64) subnormals among zeros."""
+    dtype = np.dtype(dtype)
+    zeros = np.zeros(n, dtype)
+    if dtype.kind != "f":
+        return zeros[None]
+    zeros[::3] = -0.0
+    ubits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+    pos, neg = PAYLOAD_NANS[dtype.name]
+    pool = np.array([pos, neg, np.array(np.nan, dtype).view(ubits),
+                     np.array(-np.nan, dtype).view(ubits)], ubits)
+    nans = pool[np.arange(n) % 4].view(dtype)
+    rows = [zeros, nans]
+    if dtype != np.float16:  # float16 subnormals do not tie with zero (as on XLA:CPU)
+        tiny = np.zeros(n, dtype)
+        tiny[1::2] = np.finfo(dtype).smallest_subnormal
+        tiny[2::4] = -np.finfo(dtype).smallest_subnormal
+        rows.append(tiny)
+    return np.stack(rows)
+
+
+@over_backends("dtype,n", simulator=[(d, n) for d in ("float32", "float64", "float16", "int8")
+                                     for n in (1, 31, 33, 40)],
+               emulator=[(d, n) for d in DEVICE_DTYPES for n in (1025, 4097)])
+@pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
+def test_reverse_puts_ties_in_decreasing_column_order(backend, dtype, n, descending):
+    """All-tie rows (signed zeros, NaN payloads, subnormals): perm is n-1, ..., 0 and the values
+    are the row read backwards, bit for bit; descending=True without reverse keeps 0, ..., n-1."""
+    x = _tie_rows(dtype, n)
+    values, perm = backend.call(OP, "sort_rows", x, descending, reverse=True)
+    np.testing.assert_array_equal(perm, np.tile(np.arange(n)[::-1], (x.shape[0], 1)))
+    assert_same_bits(values, x[:, ::-1])
+    _check_reverse(backend, x, descending, values, perm, *reference_reverse(x, descending))
+    _, forward = backend.call(OP, "sort_rows", x, descending)
+    np.testing.assert_array_equal(forward, np.tile(np.arange(n), (x.shape[0], 1)))
+
+
 # --- sort_segments ----------------------------------------------------------------------------
 
 def _lengths(lengths, tail=7):
@@ -168,9 +296,20 @@ def test_sort_segments(backend, layout, dtype, pattern, descending):
 
 @over_backends("shape", simulator=[(1, 0), (3, 5), (2, 70)], emulator=[(3, 33), (2, 0), (1, 4097)])
 @pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
-def test_out_sort_rows(backend, shape, descending):
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_out_sort_rows(backend, shape, descending, reverse):
     x = keys(np.random.default_rng(seed("out-sort", shape)), shape, "float32", "special")
-    backend.check_out(OP, "sort_rows", x, descending)
+    values, perm = backend.check_out(OP, "sort_rows", x, descending, reverse=reverse)
+    if reverse:
+        _check_reverse(backend, x, descending, values, perm, *reference_reverse(x, descending))
+
+
+@over_backends("dtype,shape", simulator=[("float64", (2, 33)), ("int16", (3, 5))],
+               emulator=[(d, (2, 1025)) for d in DEVICE_DTYPES])
+def test_out_sort_rows_reverse_dtypes(backend, dtype, shape):
+    x = keys(np.random.default_rng(seed("out-reverse", dtype, shape)), shape, dtype, "special")
+    values, perm = backend.check_out(OP, "sort_rows", x, False, reverse=True)
+    _check_reverse(backend, x, False, values, perm, *reference_reverse(x, False))
 
 
 @over_backends("layout,dtype,descending",
@@ -189,6 +328,8 @@ def test_row_functions_take_out_and_stream_by_keyword(backend):
         for name in ("out", "stream") if backend.device else ("out",):
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__name__, name)
             assert params[name].default is None
+    reverse = inspect.signature(module.sort_rows).parameters["reverse"]
+    assert reverse.kind is inspect.Parameter.KEYWORD_ONLY and reverse.default is False
 
 
 # --- streams ----------------------------------------------------------------------------------
@@ -200,6 +341,13 @@ def test_sort_on_streams(backend, rows, n):
     for stream in backend.streams():
         values, perm = backend.call(OP, "sort_rows", x, False, stream=stream)
         _check_sort(backend, x, False, values, perm, *cpu_result(OP, "sort_rows", x, False))
+    ties = keys(np.random.default_rng(seed("stream-reverse", n)), (rows, n), "float32", "ties")
+    for stream in backend.streams():
+        for descending in (False, True):
+            values, perm = backend.call(OP, "sort_rows", ties, descending, reverse=True,
+                                        stream=stream)
+            _check_reverse(backend, ties, descending, values, perm,
+                           *reference_reverse(ties, descending))
     offsets = np.array([0, 1, n, rows * n - 1], np.int64)
     for stream in backend.streams():
         values, perm = backend.call(OP, "sort_segments", x.reshape(-1), on_host(offsets), True,
@@ -218,6 +366,8 @@ def test_row_batches(backend, n, monkeypatch):
     x = keys(np.random.default_rng(seed("batches", n)), (11, n), "float32", "ties")
     values, perm = backend.call(OP, "sort_rows", x, True)
     _check_sort(backend, x, True, values, perm, *reference_sort_rows(x, True))
+    values, perm = backend.call(OP, "sort_rows", x, False, reverse=True)
+    _check_reverse(backend, x, False, values, perm, *reference_reverse(x, False))
 
 
 # --- the public API with backend arrays ----------------------------------------------------------
@@ -243,6 +393,31 @@ def test_public_api(backend, n):
         assert backend.is_native(values)
         assert_same_bits(backend.to_host(values), want_values)
         np.testing.assert_array_equal(backend.to_host(perm), want_perm)
+
+
+@over_backends("n", simulator=[20], emulator=[1025], backends=PUBLIC)
+def test_public_api_reverse(backend, n):
+    """segmented_sort(reverse=True) on every backend, batch shapes, out= and streams; offsets
+    with reverse are refused."""
+    x = keys(np.random.default_rng(seed("public-reverse", n)), (2, 3, n), "float32", "special")
+    want_values, want_perm = reference_reverse(x)
+    values, perm = kernels.segmented_sort(backend.to_backend(x), reverse=True,
+                                          backend=backend.kind)
+    assert backend.is_native(values) and backend.is_native(perm)
+    assert values.shape == perm.shape == x.shape
+    assert_same_bits(backend.to_host(values), want_values)
+    np.testing.assert_array_equal(backend.to_host(perm), want_perm)
+    for stream in backend.streams():
+        out = (backend.empty(x.shape, x.dtype), backend.empty(x.shape, np.int32))
+        got = kernels.segmented_sort(backend.to_backend(x), reverse=True, out=out,
+                                     backend=backend.kind, stream=stream)
+        backend.synchronize(stream)
+        assert got[0] is out[0] and got[1] is out[1]
+        assert_same_bits(backend.to_host(out[0]), want_values)
+        np.testing.assert_array_equal(backend.to_host(out[1]), want_perm)
+    with pytest.raises(ValueError, match="reverse"):
+        kernels.segmented_sort(backend.to_backend(x.reshape(-1)), np.array([0, 3], np.int64),
+                               reverse=True, backend=backend.kind)
 
 
 @over_backends("n", simulator=[9], backends=PUBLIC_DEVICE)

@@ -1,23 +1,32 @@
 """Running a kernel of the public kernel API inside a JAX program: one callback per op pass.
 
-A pass is a *kernel function* `fn(*arrays, out=None)`: it calls `sortgrad.kernels` on the
-arrays it is handed and writes its results into `out` (a tuple of arrays of the result specs)
-or, with `out=None`, returns them as a tuple. The arrays it gets follow the buffers: NumPy
-views on the CPU (CuPy views on the GPU: the next step, see `_gpu_branch`), so the kernel API
-picks the backend from them; nothing here selects an algorithm.
+A pass is a *kernel function* `fn(*arrays, out=None, **route)`: it calls `sortgrad.kernels` on
+the arrays it is handed, passing `route` (the keywords `stream=` and `backend=` on GPU
+buffers, nothing on the host) on to every kernel call, and writes its results into `out` (a
+tuple of arrays of the result specs) or, with `out=None`, returns them as a tuple. Nothing
+here selects an algorithm: the kernel API does, from the arrays and the backend.
 
 Callback modes:
-- "buffer" (default): `jax.experimental.buffer_callback` hands the pass XLA's own buffers;
-  the pass writes its results straight into XLA's output buffers (no allocation, no copy).
-  The platform is read from the buffers (their DLPack device).
-- "pure": `jax.pure_callback`, the portable path (JAX copies arguments and results).
+- "buffer" (default): `jax.experimental.buffer_callback` hands the pass XLA's own buffers and
+  the pass writes its results straight into XLA's output buffers. Which buffers those are is
+  decided where XLA lowers the program (`jax.lax.platform_dependent`, so from the platform the
+  buffers live on, not from `jax.default_backend()`):
+  - CPU: NumPy views of the buffers; the kernel API runs its CPU backend.
+  - CUDA: zero-copy CuPy (or Numba) arrays over the device buffers, the buffer's device made
+    current, every kernel launched on XLA's stream (`ctx.stream`); nothing synchronises,
+    nothing is copied to the host. Scratch memory is one extra uint8 output of the callback
+    (XLA allocates it; JAX preallocates most of the GPU, so CuPy's pool is not used): its size
+    is measured once per pass signature at trace time (`_scratch_bytes`) and the kernels'
+    allocations are carved from it (`sortgrad.kernels.use_scratch`). Passes on dtypes
+    without device keys (bfloat16) take the host path. See `_device.py` for the backend choice.
+- "pure": `jax.pure_callback`, the portable path (JAX copies arguments and results to the host).
 Choose with `set_callback_mode`, the `callback_mode` context manager, or the environment
 variable SORTGRAD_CALLBACK=pure|buffer. The mode is read when a function is traced: a jitted
 function keeps the mode it was compiled with.
 
-Both use vmap_method="expand_dims": under vmap a pass gets the whole batch in one call, as
-extra leading dims (size 1 for arguments that are not batched); `_broadcast_batch` gives every
-argument the full batch shape before the kernels see them. Inputs are never written.
+All callbacks use vmap_method="broadcast_all": under vmap a pass gets the whole batch in one
+call, every argument with the full batch dims (XLA broadcasts unbatched ones). Inputs are
+never written.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ import os
 import jax
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
+
+from ... import kernels
+from . import _device
 
 MODES = ("buffer", "pure")
 _mode = os.environ.get("SORTGRAD_CALLBACK", "buffer")
@@ -59,9 +71,40 @@ def callback_mode(mode: str):
         set_callback_mode(previous)
 
 
+_emulated = None  # a device platform standing in for the GPU (tests); None: none
+
+
+@contextlib.contextmanager
+def emulate_device(platform):
+    """Context manager for tests: functions traced inside run their buffer-mode passes through
+    the GPU branch on `platform` (an emulated device platform, see `_device.py`) whatever the
+    platform XLA lowers for. None: no emulation."""
+    global _emulated
+    previous = _emulated
+    _emulated = platform
+    try:
+        yield
+    finally:
+        _emulated = previous
+
+
+def current_route() -> tuple:
+    """What decides how passes traced now run: (callback mode, GPU backend choice, emulated
+    device). Hashable: part of the key of every cached compiled program."""
+    return (_mode, _device.get_gpu_backend(), _emulated)
+
+
+@contextlib.contextmanager
+def routed(route: tuple):
+    """Context manager: functions traced inside use `route` (from `current_route`)."""
+    mode, gpu_backend, emulated = route
+    with callback_mode(mode), _device.gpu_backend(gpu_backend), emulate_device(emulated):
+        yield
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _staged(impl, x, mode: str, static: tuple):
-    with callback_mode(mode):
+def _staged(impl, x, route: tuple, static: tuple):
+    with routed(route):
         return impl(x, *static)
 
 
@@ -73,51 +116,113 @@ def staged_call(impl, x, *static):
     (a host callback is a new function object per trace, which defeats JAX's op-by-op cache).
     Inside an outer `jit`/`grad`/`vmap` this is a nested jit: traced with the caller, no cost
     at run time. `impl` must be a module-level function; `static` hashable (ints, floats,
-    strings, bools, tuples of them).
+    strings, bools, tuples of them). The callback mode, the GPU backend choice and an
+    emulated device (tests) are part of the key.
     """
-    return _staged(impl, x, _mode, tuple(static))
+    return _staged(impl, x, current_route(), tuple(static))
 
 
-def _broadcast_batch(arrays):
-    """Every array with the broadcast leading dims of all (vmap's expand_dims gives unbatched
-    arguments size-1 dims); each keeps its last dim."""
-    batch = arrays[0].shape[:-1]
-    if all(a.shape[:-1] == batch for a in arrays):
-        return arrays
-    batch = np.broadcast_shapes(*[a.shape[:-1] for a in arrays])
-    return [np.broadcast_to(a, batch + a.shape[-1:]) for a in arrays]
+def _spec_key(specs) -> tuple:
+    return tuple((tuple(s.shape), np.dtype(s.dtype).name) for s in specs)
 
 
-_DLPACK_CPU = 1  # DLDeviceType kDLCPU
+@functools.lru_cache(maxsize=4096)
+def _scratch_bytes(platform, kernel_fn, arg_specs: tuple, result_specs: tuple) -> int:
+    """Bytes of scratch `kernel_fn` allocates on `platform` for arguments and results of these
+    (shape, dtype) specs: one measuring run on zero-filled device arrays (allocation sizes
+    depend on shapes only; zeros are valid permutations and block ids for every pass)."""
+    if platform.unavailable() is not None:
+        return 0  # never run here (e.g. the GPU branch traced on a machine without one)
+    with platform.scope(platform.current_device()):
+        arrays = [platform.zeros(shape, dtype) for shape, dtype in arg_specs]
+        results = tuple(platform.zeros(shape, dtype) for shape, dtype in result_specs)
+        with kernels.measure_scratch() as measured:
+            kernel_fn(*arrays, out=results, stream=None, backend=platform.backend)
+    return measured.bytes
 
 
-def _on_host(buffers) -> bool:
-    """Whether XLA's buffers live in host memory. Read from DLPack's device tag: cheap on every
-    platform (`__cuda_array_interface__` and `ctx.stream` raise an XLA error on the CPU, which
-    costs tens of microseconds per call)."""
-    return all(b.__dlpack_device__()[0] == _DLPACK_CPU for b in buffers)
+def _device_call(platform, kernel_fn, result_specs, args):
+    """The pass on `platform`: XLA's buffers wrapped, XLA's stream, scratch as an output."""
+    arg_specs = _spec_key(args)
+    scratch = _scratch_bytes(platform, kernel_fn, arg_specs, _spec_key(result_specs))
+    count = len(result_specs)
+    specs = result_specs + ((jax.ShapeDtypeStruct((scratch,), np.uint8),) if scratch else ())
+
+    def device_pass(ctx, outs, *buffers):
+        device = _device.device_of(outs[0])
+        with platform.scope(device):
+            stream = platform.stream(ctx, device)
+            arrays = [platform.wrap(b) for b in buffers]
+            results = tuple(platform.wrap(o) for o in outs[:count])
+            with _scratch_workspace(platform, outs[count:]) as used:
+                kernel_fn(*arrays, out=results, stream=stream, backend=platform.backend)
+            if used is not None and used.overflow_bytes:
+                _device.warn_once(("scratch", kernel_fn, arg_specs),
+                                  f"a sortgrad GPU pass needed {used.overflow_bytes} bytes of "
+                                  f"scratch beyond the {used.capacity} measured; they came "
+                                  f"from the backend's memory pool")
+
+    outputs = buffer_callback(device_pass, specs, vmap_method="broadcast_all")(*args)
+    return tuple(outputs[:count])
 
 
-def _gpu_branch(ctx, outs, buffers):
-    raise NotImplementedError(
-        "sortgrad's JAX ops do not run on GPU buffers in buffer mode yet (the CuPy branch of "
-        "the binding is the next step); use sortgrad.set_callback_mode('pure') to run them on "
-        "the host")
+def _scratch_workspace(platform, scratch_buffers):
+    if not scratch_buffers:
+        return contextlib.nullcontext()
+    buffer = platform.wrap(scratch_buffers[0])
+    return kernels.use_scratch(buffer.reshape(int(np.prod(buffer.shape))))
+
+
+def _takes_device(args, result_specs) -> bool:
+    return not any(np.dtype(a.dtype).name in _device.NO_DEVICE_KEYS
+                   for a in (*args, *result_specs))
+
+
+def _gpu_call(kernel_fn, result_specs, args, platform=None):
+    """The CUDA branch: the pass on the GPU platform (or `platform`), or on the host where
+    there is none or a dtype has no device keys."""
+    platform = platform or _device.gpu_platform()
+    if platform is None or not _takes_device(args, result_specs):
+        return _pure_call(kernel_fn, result_specs, args)
+    return _device_call(platform, kernel_fn, result_specs, args)
+
+
+def _host_call(kernel_fn, result_specs, args):
+    def host_pass(ctx, outs, *buffers):
+        kernel_fn(*[np.asarray(b) for b in buffers], out=tuple(np.asarray(o) for o in outs))
+    return tuple(buffer_callback(host_pass, result_specs, vmap_method="broadcast_all")(*args))
+
+
+def _pure_call(kernel_fn, result_specs, args):
+    def host_function(*arrays):
+        results = kernel_fn(*[np.asarray(a) for a in arrays], out=None)
+        return tuple(np.asarray(r) for r in results)
+    return tuple(jax.pure_callback(host_function, result_specs, *args,
+                                   vmap_method="broadcast_all"))
+
+
+def device_dependent(host_fn, device_fn, *args):
+    """host_fn(*args) where the passes run on the host (XLA on the CPU, the pure mode),
+    device_fn(*args) where they run on a device (a GPU, or an emulated device in the tests).
+    For the few ops whose device passes need other inputs (bfloat16 keys)."""
+    if _mode == "pure":
+        return host_fn(*args)
+    if _emulated is not None:
+        return device_fn(*args)
+    return jax.lax.platform_dependent(*args, cpu=host_fn, default=device_fn)
 
 
 def kernel_call(kernel_fn, result_specs, *args):
-    """kernel_fn(*arrays, out=...) as a JAX op with `result_specs` (ShapeDtypeStructs)."""
+    """kernel_fn(*arrays, out=..., **route) as a JAX op with `result_specs`
+    (ShapeDtypeStructs): a tuple of arrays. `kernel_fn` must be hashable and stable across
+    traces (module-level, or from a cached factory): GPU scratch sizes are cached per pass."""
     result_specs = tuple(result_specs)
-    if _mode == "buffer" and jax.default_backend() == "cpu":
-        def buffer_kernel(ctx, outs, *buffers):
-            if not _on_host((*buffers, *outs)):
-                _gpu_branch(ctx, outs, buffers)
-            arrays = _broadcast_batch([np.asarray(b) for b in buffers])
-            kernel_fn(*arrays, out=tuple(np.asarray(o) for o in outs))
-        return buffer_callback(buffer_kernel, result_specs, vmap_method="expand_dims")(*args)
-
-    def pure_kernel(*arrays):
-        results = kernel_fn(*_broadcast_batch([np.asarray(a) for a in arrays]), out=None)
-        return tuple(np.asarray(r) for r in results)
-    # A non-CPU default backend takes this host path until the GPU branch of buffer mode lands.
-    return jax.pure_callback(pure_kernel, result_specs, *args, vmap_method="expand_dims")
+    if _mode == "pure":
+        return _pure_call(kernel_fn, result_specs, args)
+    if _emulated is not None:
+        return _gpu_call(kernel_fn, result_specs, args, _emulated)
+    return tuple(jax.lax.platform_dependent(
+        *args,
+        cpu=lambda *a: _host_call(kernel_fn, result_specs, a),
+        cuda=lambda *a: _gpu_call(kernel_fn, result_specs, a),
+        default=lambda *a: _pure_call(kernel_fn, result_specs, a)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 from ... import kernels
 from ..._validate import check_k, check_key_dtype, is_float_dtype
 from ._args import array_and_axis
-from ._call import kernel_call, staged_call
+from ._call import device_dependent, kernel_call, staged_call
 
 __all__ = ["sort", "argsort", "top_k"]
 
@@ -20,35 +20,37 @@ def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-# --- kernel functions (one per callback pass) --------------------------------------------------
+# --- kernel functions (one per callback pass; cached: one object per static arguments) --------
 
-def _sort_kernel(descending: bool, with_perm: bool = True):
-    """Values (and perm) of every row; descending is the ascending sort reversed, as
+@lru_cache(maxsize=None)
+def _sort_kernel(descending: bool):
+    """Values and perm of every row; descending is the ascending sort reversed, as
     `jnp.sort(descending=True)`."""
-    def run(x, *, out=None):
-        if out is not None and not with_perm:
-            out = (out[0], np.empty(x.shape, np.int32))
-        values, perm = kernels.segmented_sort(x, reverse=descending, out=out)
-        return (values, perm) if with_perm else (values,)
+    def run(x, *, out=None, **route):
+        return tuple(kernels.segmented_sort(x, reverse=descending, out=out, **route))
     return run
 
 
+@lru_cache(maxsize=None)
 def _argsort_kernel(descending: bool):
-    def run(x, *, out=None):
+    def run(x, *, out=None, **route):
         return (kernels.segmented_argsort(x, descending=descending,
-                                          out=None if out is None else out[0]),)
+                                          out=None if out is None else out[0], **route),)
     return run
 
 
+@lru_cache(maxsize=None)
 def _top_k_kernel(k: int):
-    def run(x, *, out=None):
-        return kernels.top_k(x, k, out=out)
+    def run(x, *, out=None, **route):
+        return kernels.top_k(x, k, out=out, **route)
     return run
 
 
+@lru_cache(maxsize=None)
 def _scatter_kernel(n: int):
-    def run(values, perm, *, out=None):
-        return (kernels.permutation_scatter(values, perm, n, out=None if out is None else out[0]),)
+    def run(values, perm, *, out=None, **route):
+        return (kernels.permutation_scatter(values, perm, n, out=None if out is None else out[0],
+                                            **route),)
     return run
 
 
@@ -59,16 +61,32 @@ def _scatter(g, perm, n: int):
 
 # --- differentiable cores on the last axis ---------------------------------------------------
 
+def _keyed(call, x, *static):
+    """call(x, *static) -> (values, indices). bfloat16 off the CPU: the device kernels have no
+    bfloat16 arrays (CuPy has no such dtype), so they order the exact float32 upcast (the same
+    order, ties, NaN and -0.0 placement: bfloat16 is the top half of a float32) and the values
+    are gathered from x with their bits."""
+    if x.dtype != jnp.bfloat16:
+        return call(x, *static)
+
+    def upcast(x):
+        _, indices = call(x.astype(jnp.float32), *static)
+        return jnp.take_along_axis(x, indices, axis=-1), indices
+    return device_dependent(lambda x: tuple(call(x, *static)), upcast, x)
+
+
 def _sort_call(x, descending):
+    return _keyed(_sort_call_of, x, descending)
+
+
+def _sort_call_of(x, descending):
     return kernel_call(_sort_kernel(descending),
                        [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x)
 
 
 def _sort_values_call(x, descending):
-    """The sorted values only (no perm output: the primal without a gradient)."""
-    (values,) = kernel_call(_sort_kernel(descending, with_perm=False), [_spec(x.shape, x.dtype)],
-                            x)
-    return values
+    """The sorted values only (the primal without a gradient; the perm output is dropped)."""
+    return _sort_call(x, descending)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -89,6 +107,10 @@ _sort_last.defvjp(_sort_last_fwd, _sort_last_bwd)
 
 
 def _top_k_call(x, k):
+    return _keyed(_top_k_call_of, x, k)
+
+
+def _top_k_call_of(x, k):
     shape = x.shape[:-1] + (k,)
     return kernel_call(_top_k_kernel(k), [_spec(shape, x.dtype), _spec(shape, np.int32)], x)
 
@@ -164,8 +186,15 @@ def _argsort_impl(x, axis, descending):
     if x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
     xl = jax.lax.stop_gradient(jnp.moveaxis(x, axis, -1))
-    (perm,) = kernel_call(_argsort_kernel(descending), [_spec(xl.shape, np.int32)], xl)
-    return jnp.moveaxis(perm, -1, axis)
+    return jnp.moveaxis(_argsort_call(xl, descending), -1, axis)
+
+
+def _argsort_call(x, descending):
+    def call(keys):
+        return kernel_call(_argsort_kernel(descending), [_spec(keys.shape, np.int32)], keys)[0]
+    if x.dtype != jnp.bfloat16:
+        return call(x)
+    return device_dependent(call, lambda x: call(x.astype(jnp.float32)), x)  # see _keyed
 
 
 def top_k(x, k: int, *, axis: int = -1):

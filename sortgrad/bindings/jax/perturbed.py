@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ..._validate import check_k, check_positive_float, check_positive_int
 from ._args import array_and_axis, compute_dtype
-from ._call import callback_mode, get_callback_mode
+from ._call import current_route, routed
 from .hard import top_k as _sortgrad_top_k
 
 # Which top-k computes the hard selections of the perturbed batch. "sortgrad" is the public op;
@@ -97,10 +97,10 @@ _perturbed_last.defvjp(_perturbed_last_fwd, _perturbed_last_bwd)
 # --- public op ----------------------------------------------------------------------------------
 
 @partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _perturbed_core(x, z, k, sigma, axis, selector, mode):
-    # one compiled program per configuration (callback mode included) for eager calls;
+def _perturbed_core(x, z, k, sigma, axis, selector, route):
+    # one compiled program per configuration (callback route included) for eager calls;
     # inlined under an outer jit
-    with callback_mode(mode):
+    with routed(route):
         xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
         return _perturbed_last(xl, z, k, sigma, selector).astype(x.dtype)
 
@@ -120,7 +120,7 @@ def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
         return jnp.zeros(batch + (k, n), x.dtype)
     # drawn outside the compiled core: eager calls then share JAX's cached sampler program
     z = jax.random.normal(key, (num_samples,) + batch + (n,), dtype)
-    return _perturbed_core(x, z, k, sigma, axis, selector, get_callback_mode())
+    return _perturbed_core(x, z, k, sigma, axis, selector, current_route())
 
 
 def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0.1,

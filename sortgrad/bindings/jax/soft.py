@@ -8,7 +8,7 @@ ranks).
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +27,42 @@ def _forward_specs(x):
             jax.ShapeDtypeStruct(x.shape, np.int32)]
 
 
-def _forward_call(kernel, x, *static):
-    """kernel(x, *static, out=...) -> (values, perm, block_ids) of the kernel API."""
-    return kernel_call(lambda x_, out=None: kernel(x_, *static, out=out), _forward_specs(x), x)
+@lru_cache(maxsize=None)
+def _forward_kernel(name: str, static: tuple, options: tuple):
+    """The pass `kernels.<name>(x, *static, out=..., **options)` -> (values, perm, block_ids)."""
+    kernel, options = getattr(kernels, name), dict(options)
+
+    def run(x, *, out=None, **route):
+        return tuple(kernel(x, *static, out=out, **options, **route))
+    return run
 
 
-def _vjp_call(kernel, g, x, residuals, static, options):
-    """kernel(g, x, *residuals, *static, out=..., **options) -> dx of the kernel API."""
-    def run(*arrays, out=None):
-        return (kernel(*arrays, *static, out=None if out is None else out[0], **options),)
-    (dx,) = kernel_call(run, [jax.ShapeDtypeStruct(x.shape, x.dtype)], g, x, *residuals)
+@lru_cache(maxsize=None)
+def _vjp_kernel(name: str, static: tuple, options: tuple):
+    """The pass `kernels.<name>(g, x, *residuals, *static, out=..., **options)` -> (dx,)."""
+    kernel, options = getattr(kernels, name), dict(options)
+
+    def run(*arrays, out=None, **route):
+        return (kernel(*arrays, *static, out=None if out is None else out[0], **options,
+                       **route),)
+    return run
+
+
+def _forward_call(name, x, static, options=()):
+    return kernel_call(_forward_kernel(name, tuple(static), tuple(options)), _forward_specs(x), x)
+
+
+def _vjp_call(name, g, x, residuals, static, options=()):
+    (dx,) = kernel_call(_vjp_kernel(name, tuple(static), tuple(options)),
+                        [jax.ShapeDtypeStruct(x.shape, x.dtype)], g, x, *residuals)
     return dx
 
 
 # --- soft rank --------------------------------------------------------------------------------
 
 def _rank_call(x, eps, regularization, descending):
-    return _forward_call(partial(kernels.soft_rank, regularization=regularization,
-                                 descending=descending), x, eps)
+    return _forward_call("soft_rank", x, (eps,),
+                         (("regularization", regularization), ("descending", descending)))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -59,8 +77,8 @@ def _soft_rank_last_fwd(x, eps, regularization, descending):
 
 def _soft_rank_last_bwd(eps, regularization, descending, residuals, g):
     x, ranks, perm, blocks = residuals
-    return (_vjp_call(kernels.soft_rank_vjp, g, x, (ranks, perm, blocks), (eps,),
-                      {"regularization": regularization, "descending": descending}),)
+    return (_vjp_call("soft_rank_vjp", g, x, (ranks, perm, blocks), (eps,),
+                      (("regularization", regularization), ("descending", descending))),)
 
 
 _soft_rank_last.defvjp(_soft_rank_last_fwd, _soft_rank_last_bwd)
@@ -69,8 +87,8 @@ _soft_rank_last.defvjp(_soft_rank_last_fwd, _soft_rank_last_bwd)
 # --- soft sort --------------------------------------------------------------------------------
 
 def _sort_call(x, eps, regularization, descending):
-    return _forward_call(partial(kernels.soft_sort, regularization=regularization,
-                                 descending=descending), x, eps)
+    return _forward_call("soft_sort", x, (eps,),
+                         (("regularization", regularization), ("descending", descending)))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -85,8 +103,8 @@ def _soft_sort_last_fwd(x, eps, regularization, descending):
 
 def _soft_sort_last_bwd(eps, regularization, descending, residuals, g):
     x, perm, blocks = residuals
-    return (_vjp_call(kernels.soft_sort_vjp, g, x, (perm, blocks), (eps,),
-                      {"regularization": regularization, "descending": descending}),)
+    return (_vjp_call("soft_sort_vjp", g, x, (perm, blocks), (eps,),
+                      (("regularization", regularization), ("descending", descending))),)
 
 
 _soft_sort_last.defvjp(_soft_sort_last_fwd, _soft_sort_last_bwd)
@@ -96,17 +114,17 @@ _soft_sort_last.defvjp(_soft_sort_last_fwd, _soft_sort_last_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _soft_mask_last(x, k, eps):
-    return _forward_call(kernels.soft_top_k_mask, x, k, eps)[0]
+    return _forward_call("soft_top_k_mask", x, (k, eps))[0]
 
 
 def _soft_mask_last_fwd(x, k, eps):
-    mask, perm, blocks = _forward_call(kernels.soft_top_k_mask, x, k, eps)
+    mask, perm, blocks = _forward_call("soft_top_k_mask", x, (k, eps))
     return mask, (x, perm, blocks)
 
 
 def _soft_mask_last_bwd(k, eps, residuals, g):
     x, perm, blocks = residuals
-    return (_vjp_call(kernels.soft_top_k_mask_vjp, g, x, (perm, blocks), (eps,), {}),)
+    return (_vjp_call("soft_top_k_mask_vjp", g, x, (perm, blocks), (eps,)),)
 
 
 _soft_mask_last.defvjp(_soft_mask_last_fwd, _soft_mask_last_bwd)

@@ -13,8 +13,11 @@ Contract (shared by every op's `_cupy.py` and by tests/kernels/test_cuda_compile
   the architecture, `-Werror=all-warnings` and the options CuPy itself appends,
   `CUPY_IMPLICIT_OPTIONS`);
 - `xp()`, `stream_scope(stream, like)`, `launch(...)` and `multiprocessor_count()` are the only
-  ways every op's `_cupy.py` reaches CuPy (one stream coercer, one launch path), so the tests
-  can swap them for the host emulator (tests/_emulation/cuda_host.py, not shipped);
+  ways every op's `_cupy.py` reaches CuPy (one stream coercer, one launch path); the op modules
+  allocate only with `xp().empty`, which serves the thread's workspace (`workspace.py`: scratch
+  carved from a caller's buffer) when one is active. The hooks `array_module()`,
+  `stream_scope`, `launch` and `multiprocessor_count` can be swapped for the host emulator
+  (tests/_emulation/cuda_host.py, not shipped);
 - the op packages are those of `sortgrad.kernels._backends.REGISTRY` with a "cupy" module
   (`OP_PACKAGES`); a package whose `_cupy.py` does not exist yet is skipped.
 
@@ -40,6 +43,7 @@ import os
 import threading
 
 from .. import _backends
+from . import workspace
 
 # package -> module name of its CuPy backend, for every op of the registry that has one
 _CUPY_MODULES = {f"sortgrad.kernels.{op}": _backends.module_name(op, "cupy")
@@ -180,10 +184,33 @@ def row_batches(rows: int):
 
 # --- launching (the op modules go through these, so tests can run them on the host emulator) ---
 
-def xp():
-    """The array module the op modules allocate with (CuPy)."""
+def array_module():
+    """The array module behind `xp()` (CuPy; the host emulator swaps in NumPy)."""
     import cupy
     return cupy
+
+
+class _WorkspaceModule:
+    """The array module with `empty` served by the active workspace (everything else as is)."""
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module):
+        self._module = module
+
+    def empty(self, shape, dtype=float, order="C"):
+        module = self._module
+        return workspace.allocate(shape, dtype, lambda s, d: module.empty(s, dtype=d))
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def xp():
+    """The array module the op modules allocate with: CuPy, whose `empty` takes the thread's
+    workspace memory when a workspace is active (`workspace.use` / `workspace.measuring`)."""
+    module = array_module()
+    return module if workspace.active() is None else _WorkspaceModule(module)
 
 
 def _cupy_stream(stream, device_id: int):

@@ -16,8 +16,10 @@ Arrays and streams
 - `resolve_stream(stream, x=None)`: the Numba stream to launch on. None -> CuPy's current stream
   when `x` is a CuPy array, else Numba's default stream; also takes Numba streams, CuPy streams
   (`.ptr`), objects with `__cuda_stream__` and raw integer handles. The simulator returns 0.
-- `empty(shape, dtype, kind="numba")`, `zeros(shape, dtype, stream, kind="numba")`: new device
-  arrays (CuPy's pool for kind "cupy", returned as Numba views; `like_input` turns them back).
+- `empty(shape, dtype, kind="numba", stream=None)`, `zeros(shape, dtype, stream, kind="numba")`:
+  new device arrays, the only way the Numba modules allocate: the thread's workspace memory
+  when one is active (`workspace.py`), else CuPy's pool on `stream` for kind "cupy" (returned
+  as Numba views; `like_input` turns them back) or Numba's allocator.
 - `to_device(host_array, stream)`: a small host table uploaded on `stream`;
   `placeholder(dtype)`: a cached 1-element device array for unused kernel arguments.
 - `flat(a)`: a C-contiguous device array as 1-D.
@@ -75,6 +77,7 @@ import numpy as np
 from numba import cuda
 
 from .._backends import array_kind
+from . import workspace
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 WARP_SIZE = 32
@@ -144,19 +147,33 @@ def resolve_stream(stream=None, x=None):
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
 
-def empty(shape, dtype, kind: str = "numba"):
-    """An uninitialised device array (a Numba view of CuPy memory for kind "cupy")."""
+def stream_handle(stream) -> int:
+    """The raw `cudaStream_t` of a Numba stream (0: the default stream)."""
+    handle = getattr(stream, "handle", 0) or 0
+    return int(getattr(handle, "value", handle) or 0)
+
+
+def _new_array(shape, dtype, kind: str, stream):
     if kind == "cupy" and not SIMULATOR:
         import cupy
-        a = cupy.empty(shape, dtype=dtype)
+        # CuPy's pool hands memory out per stream: allocate on the stream the kernels use
+        with cupy.cuda.ExternalStream(stream_handle(stream)):
+            a = cupy.empty(shape, dtype=dtype)
         return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
     # No stream binding: a bound stream would be exported through __cuda_array_interface__ and
     # make consumers (CuPy) synchronise on it.
     return cuda.device_array(shape, dtype=dtype)
 
 
+def empty(shape, dtype, kind: str = "numba", stream=None):
+    """An uninitialised device array: from the thread's workspace when one is active
+    (`workspace.use`), else new memory (a Numba view of CuPy pool memory allocated on `stream`
+    for kind "cupy"; Numba's allocator otherwise). The one way the Numba modules allocate."""
+    return workspace.allocate(shape, dtype, lambda s, d: _new_array(s, d, kind, stream))
+
+
 def zeros(shape, dtype, stream, kind: str = "numba"):
-    a = empty(shape, dtype, kind)
+    a = empty(shape, dtype, kind, stream)
     fill(a, 0, stream)
     return a
 

@@ -613,7 +613,8 @@ def _vjp_kernel(dtype: str, regularization: str, shared: bool, block: int, capac
     return kernel
 
 
-def _grid_and_scratch(shared: bool, entry: tuple, rows: int, n: int, r: int, kind: str):
+def _grid_and_scratch(shared: bool, entry: tuple, rows: int, n: int, r: int, kind: str,
+                      stream):
     """Blocks to launch and the global work arrays ((float64 rows, slots n), (int32 rows,
     slots n); 1-entry placeholders when the work arrays live in shared memory).
 
@@ -628,18 +629,18 @@ def _grid_and_scratch(shared: bool, entry: tuple, rows: int, n: int, r: int, kin
         per_block = r * n * (8 * entry[0] + 4 * entry[1])
         blocks = max(1, min(blocks, SCRATCH_BYTES // per_block))
         size = blocks * r * n
-    return blocks, (ns.empty((entry[0], size), np.float64, kind),
-                    ns.empty((entry[1], size), np.int32, kind))
+    return blocks, (ns.empty((entry[0], size), np.float64, kind, stream),
+                    ns.empty((entry[1], size), np.int32, kind, stream))
 
 
 # --- the backend interface -----------------------------------------------------------------
 
-def _outputs(out, shape, dtypes, kind):
+def _outputs(out, shape, dtypes, kind, stream):
     """(Numba arrays to write, the pair to return): `out` as given, or new arrays of the
     input's kind."""
     if out is not None:
         return ns.out_views(out), tuple(out)
-    new = tuple(ns.empty(shape, dtype, kind) for dtype in dtypes)
+    new = tuple(ns.empty(shape, dtype, kind, stream) for dtype in dtypes)
     return new, tuple(ns.like_input(a, kind) for a in new)
 
 
@@ -657,13 +658,14 @@ def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
     rows, n = (int(d) for d in s_dev.shape)
     dtype = np.dtype(s_dev.dtype)
     stream = ns.resolve_stream(stream, s)
-    (sol, blk), result = _outputs(out, (rows, n), (dtype, np.int32), kind)
+    (sol, blk), result = _outputs(out, (rows, n), (dtype, np.int32), kind, stream)
     if rows and n:
         floats = _FWD_FLOATS[regularization]
         scan_floats = 4 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(n, (floats, _FWD_INTS), scan_floats)
         kernel = _forward_kernel(dtype.name, regularization, shared, block, capacity)
-        grid, (fa, ia) = _grid_and_scratch(shared, (floats, _FWD_INTS), rows, n, r, kind)
+        grid, (fa, ia) = _grid_and_scratch(shared, (floats, _FWD_INTS), rows, n, r, kind,
+                                           stream)
         kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
                                     int(w_dev.shape[0]) == 1, fa, ia)
     return result
@@ -680,14 +682,14 @@ def isotonic_vjp_rows(g, s, w, block_ids, regularization: str, *, out=None, stre
     rows, n = (int(d) for d in g_dev.shape)
     dtype = np.dtype(g_dev.dtype)
     stream = ns.resolve_stream(stream, g)
-    (grad_s, grad_w), result = _outputs(out, (rows, n), (dtype, dtype), kind)
+    (grad_s, grad_w), result = _outputs(out, (rows, n), (dtype, dtype), kind, stream)
     if rows and n:
         scan_floats = 5 if regularization == "kl" else 1
         block, log_g, chunk, r, shared, capacity = _config(
             n, _vjp_entry(regularization, True), scan_floats)
         kernel = _vjp_kernel(dtype.name, regularization, shared, block, capacity)
         grid, (fa, ia) = _grid_and_scratch(shared, _vjp_entry(regularization, shared), rows, n,
-                                           r, kind)
+                                           r, kind, stream)
         kernel[grid, block, stream](g_dev, s_dev, w_dev, b_dev, grad_s, grad_w, rows, n, log_g,
                                     chunk, int(w_dev.shape[0]) == 1, fa, ia)
     return result

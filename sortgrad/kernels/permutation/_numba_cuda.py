@@ -122,7 +122,7 @@ def inverse_rows(perm, *, out=None, stream=None):
     stream_ = ns.resolve_stream(stream, perm)
     rows, n = (int(d) for d in p.shape)
     if out is None:
-        inv = ns.empty((rows, n), np.int32, kind)
+        inv = ns.empty((rows, n), np.int32, kind, stream_)
         result = ns.like_input(inv, kind)
     else:
         (inv,), result = ns.out_views((out,)), out
@@ -140,7 +140,7 @@ def scatter_rows(values, perm, n, *, out=None, stream=None):
     rows, m = (int(d) for d in v.shape)
     n = int(n)
     if out is None:
-        target = ns.empty((rows, n), v.dtype, kind)
+        target = ns.empty((rows, n), v.dtype, kind, stream_)
         result = ns.like_input(target, kind)
     else:
         (target,), result = ns.out_views((out,)), out

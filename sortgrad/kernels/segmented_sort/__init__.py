@@ -1,4 +1,9 @@
-"""Segmented sort: stable sort of the rows of an array or of ragged segments of a 1-D array."""
+"""Segmented sort: stable sort of the rows of an array or of ragged segments of a 1-D array.
+
+Rows can also be sorted `reverse=True` (each sorted row read backwards: `jnp.sort(...,
+descending=True)`), on every backend with bit-identical results; the device kernels do it in
+the same passes as the forward sort.
+"""
 
 from __future__ import annotations
 
@@ -41,9 +46,11 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: boo
         most `keys.size`; segment s is keys[offsets[s]:offsets[s+1]]. Elements past the last
         offset are copied through unsorted with perm 0.
       descending: largest first (stable: equal keys keep their order).
-      reverse: each sorted row read backwards (rows only, not with `offsets`): with
-        descending=False this is `jnp.sort(..., descending=True)` (largest first, ties in
-        reverse order). CPU only for now.
+      reverse: each sorted row read backwards (rows only, not with `offsets`; every backend,
+        bit-identical results): with descending=False this is `jnp.sort(..., descending=True)`
+        / `jnp.argsort(..., stable=True, descending=True)` -- largest first, NaNs first, and
+        equal keys (also -0.0 and +0.0, NaNs of any payload) in decreasing original order,
+        unlike `descending=True`, which keeps them in increasing order.
       out: optional (values, perm) arrays to write (keys' shape; keys' dtype and int32;
         C-contiguous, of the backend's array kind); returned as given.
       backend: None (follow the array), "cpu", "cupy" or "numba".
@@ -58,7 +65,8 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: boo
     (XLA compares with denormals-are-zero; float16 subnormals are kept, as XLA widens float16
     to float32), NaNs (any sign) compare equal to each other and above +inf (last when
     ascending, first when descending). Stable in both
-    directions: equal keys keep their original order. Values keep their exact bits.
+    directions: equal keys keep their original order (reversed with `reverse=True`). Values
+    keep their exact bits.
     Rows longer than 2**31 - 1 are rejected. The input is never modified.
 
     Device backends take C-contiguous device arrays of the dtypes their module lists in
@@ -75,9 +83,7 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: boo
     outs = output_rows(out, specs, backend)
     if offsets is None:
         check_row_length(shape[-1], "keys")
-        if reverse and backend != "cpu":
-            raise NotImplementedError(f"reverse=True is not implemented on backend={backend!r}")
-        extra = {"reverse": True} if reverse else {}
+        extra = {"reverse": True} if reverse else {}  # passed only when set
         results = call_rows("segmented_sort", "sort_rows", backend, stream,
                             rows_of(keys, backend), bool(descending), out=outs, **extra)
         return shaped(results, [shape, shape], out)

@@ -1,9 +1,14 @@
 """CuPy backend of segmented sort: the CUDA C kernels of segmented_sort.cu.
 
 Contract: as `_cpu.sort_rows` / `_cpu.sort_segments` (stable, the order of `jnp.sort`, values
-bit-exact, int32 permutation), on C-contiguous CuPy arrays, launched on `stream` (None: the
-current stream), results written into `out` when given (else allocated on that stream). No
-synchronisation: the host reads only shapes and the (host) CSR offsets.
+bit-exact, int32 permutation; `sort_rows(..., reverse=True)`: each sorted row read backwards,
+`jnp.sort(descending=True)` for descending=False), on C-contiguous CuPy arrays, launched on
+`stream` (None: the current stream), results written into `out` when given (else allocated on
+that stream). No synchronisation: the host reads only shapes and the (host) CSR offsets.
+
+reverse=True costs no extra pass: the kernels sort by the key of the opposite direction with
+the columns counted from the row's end (n - 1 - col) and map the columns back when writing, so
+equal keys come out in decreasing column order (see segmented_sort.cu).
 
 Launch mapping (TILE = 2048 items = 256 threads x 8 items; see segmented_sort.cu):
 - rows of n <= 2048: `sg_sort_small`, 2048 / tile rows per block, tile = max(8, 2^ceil(log2 n));
@@ -61,29 +66,32 @@ def _launch(kernel: str, itemsize: int, grid: int, args) -> None:
 
 
 def _sort_small(kb, vb, perm, offsets, ids, ragged, count, row_len, out_cols, kind, mode,
-                log2_tile):
+                log2_tile, reverse=False):
     per_block = TILE_ITEMS >> log2_tile
     _launch("sort_small", kb.dtype.itemsize, -(-count // per_block),
             (kb, vb, perm, offsets, ids, np.int32(ragged), np.int32(count), np.int64(row_len),
-             np.int32(out_cols), np.int32(kind), np.int32(mode), np.int32(log2_tile)))
+             np.int32(out_cols), np.int32(kind), np.int32(mode), np.int32(reverse),
+             np.int32(log2_tile)))
 
 
 def _sort_long(kb, vb, perm, offsets, ids, ragged, count, row_len, max_len, out_cols, kind,
-               mode, scratch):
+               mode, scratch, reverse=False):
     """Tiles + merge passes for `count` segments of at most max_len (> TILE_ITEMS) elements.
-    `scratch`: two u64 buffers indexed like the keys (item words per element)."""
+    `scratch`: two u64 buffers indexed like the keys (item words per element). `reverse`:
+    items carry reversed columns (see segmented_sort.cu)."""
     itemsize = kb.dtype.itemsize
     tiles = -(-max_len // TILE_ITEMS)
     passes = _ceil_log2(tiles)
     grid = count * tiles
     _launch("sort_tiles", itemsize, grid,
             (kb, scratch[0], offsets, ids, np.int32(ragged), np.int32(count), np.int64(row_len),
-             np.int32(tiles), np.int32(kind), np.int32(mode)))
+             np.int32(tiles), np.int32(kind), np.int32(mode), np.int32(reverse)))
     for p in range(passes):
         _launch("merge_pass", itemsize, grid,
                 (kb, scratch[p % 2], scratch[(p + 1) % 2], vb, perm, offsets, ids,
                  np.int32(ragged), np.int32(count), np.int64(row_len), np.int32(out_cols),
-                 np.int32(tiles), np.int32(LOG2_TILE_ITEMS + p), np.int32(p == passes - 1)))
+                 np.int32(reverse), np.int32(tiles), np.int32(LOG2_TILE_ITEMS + p),
+                 np.int32(p == passes - 1)))
 
 
 def _scratch(xp, elements: int, itemsize: int):
@@ -91,27 +99,34 @@ def _scratch(xp, elements: int, itemsize: int):
     return [xp.empty(words, dtype=np.uint64) for _ in range(2)]
 
 
-def sort_rows_into(keys, values, perm, mode: int, out_cols: int) -> None:
+def sort_rows_into(keys, values, perm, mode: int, out_cols: int, reverse: bool = False
+                   ) -> None:
     """Sorts each row of `keys` (rows, n) by the key of `mode` and writes the first out_cols
-    entries of each sorted row to values/perm (rows, out_cols). Current stream; n >= 1."""
+    entries of each sorted row to values/perm (rows, out_cols). Current stream; n >= 1.
+    reverse (sort modes only): each row's sort read backwards, in the same passes (the key of
+    the other direction, columns reversed in the items)."""
     xp = _loader.xp()
     n = keys.shape[1]
     kind = kind_of(keys.dtype)
+    if reverse:
+        mode = MODE_SORT_ASC if mode == MODE_SORT_DESC else MODE_SORT_DESC
     for r0, r1 in row_batches(keys.shape[0]):
         rows = r1 - r0
         kb, vb, pb = bits(keys[r0:r1]), bits(values[r0:r1]), perm[r0:r1]
         unused = pb  # offsets / segment ids are not read in row mode
         if n <= TILE_ITEMS:
             _sort_small(kb, vb, pb, unused, unused, 0, rows, n, out_cols, kind, mode,
-                        max(MIN_LOG2_TILE, _ceil_log2(n)))
+                        max(MIN_LOG2_TILE, _ceil_log2(n)), reverse)
         else:
             _sort_long(kb, vb, pb, unused, unused, 0, rows, n, n, out_cols, kind, mode,
-                       _scratch(xp, rows * n, kb.dtype.itemsize))
+                       _scratch(xp, rows * n, kb.dtype.itemsize), reverse)
 
 
-def sort_rows(keys, descending: bool, *, out=None, stream=None):
-    """Stable sort of each row of a C-contiguous (rows, n) CuPy array -> (values, int32 perm).
-    `out`: (values, perm) to write (returned); the kernels write them directly."""
+def sort_rows(keys, descending: bool, *, reverse: bool = False, out=None, stream=None):
+    """Stable sort of each row of a C-contiguous (rows, n) CuPy array -> (values, int32 perm);
+    `reverse`: each sorted row read backwards (ties in decreasing column order), as
+    `_cpu.sort_rows`. `out`: (values, perm) to write (returned); the kernels write them
+    directly."""
     xp = _loader.xp()
     rows, n = keys.shape
     with _loader.stream_scope(stream, like=keys):
@@ -119,7 +134,8 @@ def sort_rows(keys, descending: bool, *, out=None, stream=None):
             out = (xp.empty((rows, n), dtype=keys.dtype), xp.empty((rows, n), dtype=np.int32))
         values, perm = out
         if rows and n:
-            sort_rows_into(keys, values, perm, MODE_SORT_DESC if descending else MODE_SORT_ASC, n)
+            mode = MODE_SORT_DESC if descending else MODE_SORT_ASC
+            sort_rows_into(keys, values, perm, mode, n, bool(reverse))
     return values, perm
 
 

@@ -2,9 +2,11 @@
 
 Contract (the row-function protocol of `sortgrad.kernels._backends`; called by
 `sortgrad.kernels.segmented_sort` after validation):
-- `sort_rows(keys, descending, *, out=None, stream=None) -> (values, perm)`: keys a
-  C-contiguous 2-D device array (rows, n); values of keys' dtype and shape, perm int32 column
-  indices.
+- `sort_rows(keys, descending, *, reverse=False, out=None, stream=None) -> (values, perm)`:
+  keys a C-contiguous 2-D device array (rows, n); values of keys' dtype and shape, perm int32
+  column indices; `reverse`: each sorted row read backwards (for descending=False,
+  `jnp.sort(descending=True)`: largest first, NaNs first, equal keys in decreasing column
+  order), as `_cpu.sort_rows`.
 - `sort_segments(keys, offsets, descending, *, out=None, stream=None) -> (values, perm)`: keys
   1-D, offsets a validated host int64 CSR array; perm relative to each segment's start;
   elements past offsets[-1] are copied through with perm 0.
@@ -18,6 +20,9 @@ Algorithm
   `numba_support.key_function(dtype, "sort", descending)` (descending keys are complemented,
   so ascending composite order is the stable order in both directions), index its column.
   Composites are unique, so every network and merge is deterministic.
+- Reversed rows (`reverse=True`, rows only): the key of the opposite direction and the index
+  counted from the row's end, n - 1 - column; the final writes map it back. Sorting by
+  (opposite key, n - 1 - column) is the stable sort read backwards, in the same passes.
 - Tile sort (`_tile_kernel`): a block sorts SORT_TILE elements in shared memory with a bitonic
   network that sorts each aligned `slot` (a power of two) independently, so a block holds
   SORT_TILE // slot short segments (slot = next power of two >= the longest in the launch);
@@ -40,7 +45,7 @@ short), SORT_THREADS threads each doing SORT_TILE / 2 / SORT_THREADS compare-exc
 step; merge kernel a grid-stride loop of threads over chunks of MERGE_ITEMS outputs.
 The module constants are read at each call (tests lower them to reach the multi-tile and
 multi-pass paths at small sizes); kernels are compiled per (dtype, order, direction,
-constants) and cached.
+constants, reverse) and cached.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ def _next_pow2(n: int) -> int:
 # --- kernels ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threads: int):
+def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threads: int,
+                 reverse: bool = False):
     """Bitonic sort of shared-memory tiles; see the module docstring.
 
     Segment s of the launch: uniform mode (row_n >= 0): row r = s // tiles_per_row, tile
@@ -88,6 +94,7 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
     index base t*tile_len; table mode (row_n < 0): starts[s], lens[s], bases[s], segment s.
     final: write values/perm (at seg*out_stride + c, or start + c when out_stride < 0; only
     c < out_limit), else (key, index) to keys_out/idx_out at start + c.
+    reverse (uniform mode only): the index is row_n - 1 - column (mapped back when writing).
     """
     key = ns.key_function(dtype_name, order, descending)
     storage = ns.key_storage_dtype(dtype_name)
@@ -123,6 +130,8 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
                 if c < length:
                     k = key(bits[start + c])
                     ix = base + c
+                    if reverse:
+                        ix = row_n - 1 - ix
             skeys[p] = k
             sidx[p] = ix
         cuda.syncthreads()
@@ -140,6 +149,8 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
                             if out_stride >= 0:
                                 o = seg * out_stride + c
                             ix = sidx[p]
+                            if reverse:
+                                ix = row_n - 1 - ix
                             vals_out[o] = bits[start - base + ix]
                             perm_out[o] = ix
                     else:
@@ -150,12 +161,13 @@ def _tile_kernel(dtype_name: str, order: str, descending: bool, tile: int, threa
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_kernel(items: int):
+def _merge_kernel(items: int, reverse: bool = False):
     """One merge pass: runs [a0, a0+w) and [a0+w, a0+2w) of every segment, keys_in/idx_in ->
     keys_out/idx_out, or values/perm on the final pass (addressing as in the tile kernel).
     Positions t in [0, total) enumerate the segments of the launch back to back: uniform mode
     (row_n >= 0) segment t // row_n at t - seg*row_n... table mode: the segment found by binary
-    search in the cumulative lengths `cum`, stored from starts[seg]."""
+    search in the cumulative lengths `cum`, stored from starts[seg]. reverse: indices count
+    from the segment's end (length - 1 - column); the final pass maps them back."""
 
     @cuda.jit(device=True, inline=True)
     def before(ka, ia, kb, ib):
@@ -238,6 +250,8 @@ def _merge_kernel(items: int):
                             if out_stride >= 0:
                                 o = seg * out_stride + c
                             ix = idx_in[src]
+                            if reverse:
+                                ix = length - 1 - ix
                             vals_out[o] = bits[start + ix]
                             perm_out[o] = ix
                     else:
@@ -267,30 +281,37 @@ class _Scratch:
     """Two (key, index) ping-pong buffers of `size` elements, allocated on first use (from
     CuPy's pool when the input is a CuPy array, else by Numba)."""
 
-    def __init__(self, size: int, storage, kind: str):
-        self.size, self.storage, self.kind, self.buffers = size, storage, kind, None
+    def __init__(self, size: int, storage, kind: str, stream):
+        self.size, self.storage, self.kind, self.stream = size, storage, kind, stream
+        self.buffers = None
 
     def get(self):
         if self.buffers is None:
-            self.buffers = [(ns.empty(self.size, self.storage, self.kind),
-                             ns.empty(self.size, np.int32, self.kind)) for _ in range(2)]
+            self.buffers = [(ns.empty(self.size, self.storage, self.kind, self.stream),
+                             ns.empty(self.size, np.int32, self.kind, self.stream))
+                            for _ in range(2)]
         return self.buffers
 
 
 def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, perm_out,
                 row_n: int = -1, num_rows: int = 0, segments=None, out_stride: int = -1,
-                out_limit: int = 2**62, kind: str = "numba"):
+                out_limit: int = 2**62, kind: str = "numba", reverse: bool = False):
     """Sorts segments of the 1-D bits array `bits` (the input viewed as unsigned integers).
 
     Uniform rows: row_n >= 0 and num_rows rows of row_n elements. Table mode: `segments` =
     (host int64 starts, host int64 lengths), lengths >= 2. Final values/perm go to
     vals_out (bits dtype) / perm_out (int32) at row*out_stride + c (out_stride >= 0) or at
     start + c, columns c < out_limit only. Shared with the top-k fallback (order "total").
+    reverse (uniform rows only): each row's sort read backwards, in the same passes (the key of
+    the other direction, indices counted from the row's end).
     Scratch for long segments: 2 x (key, int32 index) of bits.size, allocated like `kind`.
     Table mode uploads one host table of segment descriptors on `stream` (from pageable
     memory the driver may wait for the stream's earlier work before copying).
     """
     dtype = np.dtype(dtype)
+    reverse = bool(reverse)
+    if reverse and segments is not None:
+        raise ValueError("reverse applies to uniform rows, not to segments")
     tile, threads, merge_threads, items = _config()
     storage = ns.key_storage_dtype(dtype)
     limits = ns.device_limits()
@@ -298,9 +319,9 @@ def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, 
     if need > limits.max_shared_memory_per_block:
         raise ValueError(f"SORT_TILE={tile} needs {need} bytes of shared memory per block; the "
                          f"device has {limits.max_shared_memory_per_block}")
-    tiler = _tile_kernel(dtype.name, order, bool(descending), tile, threads)
-    merger = _merge_kernel(items)
-    scratch = _Scratch(int(bits.shape[0]), storage, kind)
+    tiler = _tile_kernel(dtype.name, order, bool(descending) != reverse, tile, threads, reverse)
+    merger = _merge_kernel(items, reverse)
+    scratch = _Scratch(int(bits.shape[0]), storage, kind, stream)
     dummy = ns.placeholder(np.int64)
     no_keys, no_idx = ns.placeholder(storage), ns.placeholder(np.int32)
 
@@ -393,26 +414,28 @@ def sort_engine(bits, dtype, order: str, descending: bool, stream, *, vals_out, 
 
 # --- entry points -------------------------------------------------------------------------------
 
-def _outputs(out, shape, dtype, kind):
+def _outputs(out, shape, dtype, kind, stream):
     """(values, perm) Numba arrays to write and the pair to return: `out` as given, or new
     arrays of the input's kind."""
     if out is not None:
         return ns.out_views(out), tuple(out)
-    values, perm = ns.empty(shape, dtype, kind), ns.empty(shape, np.int32, kind)
+    values, perm = ns.empty(shape, dtype, kind, stream), ns.empty(shape, np.int32, kind, stream)
     return (values, perm), (ns.like_input(values, kind), ns.like_input(perm, kind))
 
 
-def sort_rows(keys, descending, *, out=None, stream=None):
-    """Stable sort of each row of a C-contiguous 2-D device array -> (values, int32 perm).
-    `out`: (values, perm) to write (returned); the kernels write them directly."""
+def sort_rows(keys, descending, *, reverse=False, out=None, stream=None):
+    """Stable sort of each row of a C-contiguous 2-D device array -> (values, int32 perm);
+    `reverse`: each sorted row read backwards (ties in decreasing column order), as
+    `_cpu.sort_rows`. `out`: (values, perm) to write (returned); the kernels write them
+    directly."""
     x, kind = ns.as_device(keys)
     stream_ = ns.resolve_stream(stream, keys)
     rows, n = (int(d) for d in x.shape)
-    (values, perm), result = _outputs(out, (rows, n), x.dtype, kind)
+    (values, perm), result = _outputs(out, (rows, n), x.dtype, kind, stream_)
     if rows * n:
         sort_engine(ns.bits_view(ns.flat(x)), x.dtype, "sort", descending, stream_,
                     vals_out=ns.bits_view(ns.flat(values)), perm_out=ns.flat(perm),
-                    row_n=n, num_rows=rows, out_stride=n, kind=kind)
+                    row_n=n, num_rows=rows, out_stride=n, kind=kind, reverse=reverse)
     return result
 
 
@@ -424,7 +447,7 @@ def sort_segments(keys, offsets, descending, *, out=None, stream=None):
     x, kind = ns.as_device(keys)
     stream_ = ns.resolve_stream(stream, keys)
     size = int(x.shape[0])
-    (values, perm), result = _outputs(out, size, x.dtype, kind)
+    (values, perm), result = _outputs(out, size, x.dtype, kind, stream_)
     if size:
         bits, vals_bits = ns.bits_view(x), ns.bits_view(values)
         threads = 256 if not ns.SIMULATOR else 32
@@ -449,11 +472,13 @@ def ptx_cases(dtypes=("float16", "float32", "float64", "int64")):
         bits_t = numba.from_dtype(ns.uint_dtype(name))[::1]
         keys_t = numba.from_dtype(ns.key_storage_dtype(name))[::1]
         for order in ns.ORDERS:
-            kernel = _tile_kernel(name, order, False, tile, threads)
-            cases.append((kernel, (bits_t, i64, i64, i64, i64a, i64a, i64a, i64, i64,
-                                   types.boolean, bits_t, i32a, i64, i64, keys_t, i32a)))
-        cases.append((_merge_kernel(items), (keys_t, i32a, keys_t, i32a, bits_t, i64,
-                                             types.boolean, bits_t, i32a, i64, i64, i64, i64a,
-                                             i64a, i64, i64)))
+            for reverse in (False, True):
+                kernel = _tile_kernel(name, order, reverse, tile, threads, reverse)
+                cases.append((kernel, (bits_t, i64, i64, i64, i64a, i64a, i64a, i64, i64,
+                                       types.boolean, bits_t, i32a, i64, i64, keys_t, i32a)))
+        for reverse in (False, True):
+            cases.append((_merge_kernel(items, reverse),
+                          (keys_t, i32a, keys_t, i32a, bits_t, i64, types.boolean, bits_t,
+                           i32a, i64, i64, i64, i64a, i64a, i64, i64)))
         cases.append((_copy_through_kernel, (bits_t, bits_t, i32a)))
     return cases

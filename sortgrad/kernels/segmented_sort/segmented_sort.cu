@@ -7,6 +7,12 @@
 // (sortgrad_common.cuh). Items are composite (key, column) so every comparison is strict and
 // the result is the stable order.
 //
+// Reversed columns (reverse != 0): items carry the column counted from the segment's end,
+// len - 1 - col, and write_sorted maps it back, so equal keys come out in decreasing column
+// order. With the key of the opposite direction (the host passes it) this is the sorted row
+// read backwards, in the same passes: MODE_SORT_DESC with reverse is the ascending sort read
+// backwards, `jnp.sort(descending=True)` (NaNs first, ties by decreasing column).
+//
 // Segments. Row mode (ragged == 0): segment s is row s, elements [s*row_len, (s+1)*row_len),
 // and its outputs go to s*out_cols + position for positions < out_cols (out_cols < row_len:
 // only the first out_cols sorted entries are written, as top-k needs). Ragged mode: segment s
@@ -35,15 +41,21 @@ __device__ __forceinline__ void segment_of(int s, const i64* offsets, const int*
   }
 }
 
-// Writes the sorted entry at `pos` of segment s: values = input bits at the item's column,
-// perm = the column. Row mode drops positions >= out_cols.
+// The column an item carries for column `col` of a segment of `len` elements.
+__device__ __forceinline__ u32 item_col(i64 col, i64 len, int reverse) {
+  return (u32)(reverse ? len - 1 - col : col);
+}
+
+// Writes the sorted entry at `pos` of segment s (of `len` elements): values = input bits at
+// the item's column, perm = the column (mapped back when reversed). Row mode drops positions
+// >= out_cols.
 template <class B, class Item>
 __device__ __forceinline__ void write_sorted(const B* keys, B* values, int* perm, int ragged,
-                                             int s, i64 start, i64 pos, int out_cols,
-                                             const Item& item) {
+                                             int s, i64 start, i64 len, i64 pos, int out_cols,
+                                             int reverse, const Item& item) {
   if (!ragged && pos >= out_cols) return;
   const i64 out = ragged ? start + pos : (i64)s * out_cols + pos;
-  const u32 idx = item_idx(item);
+  const u32 idx = item_col((i64)item_idx(item), len, reverse);
   values[out] = keys[start + idx];
   perm[out] = (int)idx;
 }
@@ -52,7 +64,8 @@ template <class B>
 __global__ void SG_LAUNCH_BOUNDS(SORT_THREADS)
 sg_sort_small(const B* __restrict__ keys, B* __restrict__ values, int* __restrict__ perm,
               const i64* __restrict__ offsets, const int* __restrict__ seg_ids, int ragged,
-              int num_segs, i64 row_len, int out_cols, int kind, int mode, int log2_tile) {
+              int num_segs, i64 row_len, int out_cols, int kind, int mode, int reverse,
+              int log2_tile) {
   typedef ItemOf<B> Ops;
   typedef typename Ops::type Item;
   __shared__ Item s[SPAD_ITEMS];
@@ -77,7 +90,8 @@ sg_sort_small(const B* __restrict__ keys, B* __restrict__ values, int* __restric
     const int local = p >> log2_tile, col = p & (tile - 1);
     Item item = Ops::max();
     if (col < seg_len[local]) {
-      item = Ops::make(make_key<B>(keys[seg_start[local] + col], kind, mode), (u32)col);
+      item = Ops::make(make_key<B>(keys[seg_start[local] + col], kind, mode),
+                       item_col(col, seg_len[local], reverse));
     }
     s[spad(p)] = item;
   }
@@ -93,8 +107,8 @@ sg_sort_small(const B* __restrict__ keys, B* __restrict__ values, int* __restric
     const int p = (int)threadIdx.x + r * SORT_THREADS;
     const int local = p >> log2_tile, col = p & (tile - 1);
     if (col < seg_len[local]) {
-      write_sorted(keys, values, perm, ragged, first + local, seg_start[local], (i64)col,
-                   out_cols, s[spad(p)]);
+      write_sorted(keys, values, perm, ragged, first + local, seg_start[local],
+                   (i64)seg_len[local], (i64)col, out_cols, reverse, s[spad(p)]);
     }
   }
 }
@@ -103,7 +117,7 @@ template <class B>
 __global__ void SG_LAUNCH_BOUNDS(SORT_THREADS)
 sg_sort_tiles(const B* __restrict__ keys, typename ItemOf<B>::type* __restrict__ items,
               const i64* __restrict__ offsets, const int* __restrict__ seg_ids, int ragged,
-              int num_segs, i64 row_len, int tiles_per_seg, int kind, int mode) {
+              int num_segs, i64 row_len, int tiles_per_seg, int kind, int mode, int reverse) {
   typedef ItemOf<B> Ops;
   typedef typename Ops::type Item;
   __shared__ Item s[SPAD_ITEMS];
@@ -121,7 +135,8 @@ sg_sort_tiles(const B* __restrict__ keys, typename ItemOf<B>::type* __restrict__
     const int p = (int)threadIdx.x + r * SORT_THREADS;
     Item item = Ops::max();
     if (p < count) {
-      item = Ops::make(make_key<B>(keys[start + tile0 + p], kind, mode), (u32)(tile0 + p));
+      item = Ops::make(make_key<B>(keys[start + tile0 + p], kind, mode),
+                       item_col(tile0 + p, len, reverse));
     }
     s[spad(p)] = item;
   }
@@ -175,7 +190,7 @@ sg_merge_pass(const B* __restrict__ keys, const typename ItemOf<B>::type* __rest
               typename ItemOf<B>::type* __restrict__ out, B* __restrict__ values,
               int* __restrict__ perm, const i64* __restrict__ offsets,
               const int* __restrict__ seg_ids, int ragged, int num_segs, i64 row_len,
-              int out_cols, int blocks_per_seg, int log2_run, int final_pass) {
+              int out_cols, int reverse, int blocks_per_seg, int log2_run, int final_pass) {
   typedef ItemOf<B> Ops;
   typedef typename Ops::type Item;
   __shared__ Item s[SPAD_ITEMS];
@@ -244,7 +259,8 @@ sg_merge_pass(const B* __restrict__ keys, const typename ItemOf<B>::type* __rest
     if (p < count) {
       const i64 pos = first_out + p;
       if (final_pass) {
-        write_sorted(keys, values, perm, ragged, seg, start, pos, out_cols, s[spad(p)]);
+        write_sorted(keys, values, perm, ragged, seg, start, len, pos, out_cols, reverse,
+                     s[spad(p)]);
       } else {
         out[start + pos] = s[spad(p)];
       }

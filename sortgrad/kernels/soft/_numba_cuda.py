@@ -306,8 +306,7 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
     dtype = np.dtype(x_dev.dtype)
     stream_ = ns.resolve_stream(stream, x)
     if out is None:
-        result = (ns.empty((rows, n), dtype, kind), ns.empty((rows, n), np.int32, kind),
-                  ns.empty((rows, n), np.int32, kind))
+        result = tuple(ns.empty((rows, n), d, kind, stream_) for d in (dtype, np.int32, np.int32))
         out = tuple(ns.like_input(r, kind) for r in result)
     values, perm, block_ids = (ns.as_device(o)[0] for o in out)
     if rows == 0 or n == 0:
@@ -316,14 +315,14 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
     grid, rpb = _geometry(rows, n, stage)
     # the sorted values are only read by prep: the values output holds them meanwhile
     _sort().sort_rows(x_dev, descending_sort, out=(values, perm), stream=stream_)
-    a = ns.empty((rows, n), np.float64, kind)
-    b = ns.empty((rows, n), np.float64, kind) if prep_mode == PREP_SORT_KL else a
-    wrow = ns.empty((1, n), np.float64, kind)
-    flag = ns.empty((rows,), np.int32, kind)
+    a = ns.empty((rows, n), np.float64, kind, stream_)
+    b = ns.empty((rows, n), np.float64, kind, stream_) if prep_mode == PREP_SORT_KL else a
+    wrow = ns.empty((1, n), np.float64, kind, stream_)
+    flag = ns.empty((rows,), np.int32, kind, stream_)
     _fwd_prep_kernel(prep_mode, block, stage)[grid, block, stream_](
         ns.flat(values), ns.flat(a), ns.flat(b), ns.flat(wrow), flag, rows, n, rpb,
         float(scale), float(inv_eps), int(k))
-    sol = ns.empty((rows, n), np.float64, kind)
+    sol = ns.empty((rows, n), np.float64, kind, stream_)
     w = b if prep_mode == PREP_SORT_KL else wrow
     _isotonic().isotonic_rows(a, w, regularization, out=(sol, block_ids), stream=stream_)
     _finish_kernel(dtype.name, fin_mode, block, stage)[grid, block, stream_](
@@ -342,7 +341,7 @@ def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode
     dtype = np.dtype(x_dev.dtype)
     stream_ = ns.resolve_stream(stream, x)
     if out is None:
-        out = ns.like_input(ns.empty((rows, n), dtype, kind), kind)
+        out = ns.like_input(ns.empty((rows, n), dtype, kind, stream_), kind)
     dx = ns.as_device(out)[0]
     if rows == 0 or n == 0:
         return out
@@ -351,15 +350,15 @@ def _backward(g, x, ranks, perm, block_ids, out, stream, vjp_mode: int, fin_mode
     kl = regularization == "kl"
     g_dev, perm_dev, ids_dev = (ns.as_device(v)[0] for v in (g, perm, block_ids))
     ranks_dev = x_dev if ranks is None else ns.as_device(ranks)[0]
-    a = ns.empty((rows, n), np.float64, kind)
-    s = ns.empty((rows, n), np.float64, kind) if kl else a
-    flag = ns.empty((rows,), np.int32, kind)
+    a = ns.empty((rows, n), np.float64, kind, stream_)
+    s = ns.empty((rows, n), np.float64, kind, stream_) if kl else a
+    flag = ns.empty((rows,), np.int32, kind, stream_)
     _vjp_prep_kernel(vjp_mode, block, items)[grid, block, stream_](
         ns.flat(g_dev), ns.flat(x_dev), ns.flat(ranks_dev), ns.flat(perm_dev), ns.flat(a),
         ns.flat(s), flag, rows, n, rpb, float(scale))
-    grad_s = ns.empty((rows, n), np.float64, kind)
+    grad_s = ns.empty((rows, n), np.float64, kind, stream_)
     # grad_w is not used; for float64 the dx output (written last) holds it
-    grad_w = dx if dtype == np.float64 else ns.empty((rows, n), np.float64, kind)
+    grad_w = dx if dtype == np.float64 else ns.empty((rows, n), np.float64, kind, stream_)
     _isotonic().isotonic_vjp_rows(a, s, s, ids_dev, regularization, out=(grad_s, grad_w),
                                   stream=stream_)
     _finish_kernel(dtype.name, fin_mode, block, stage)[grid, block, stream_](

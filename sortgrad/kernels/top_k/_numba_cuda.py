@@ -223,8 +223,8 @@ def top_k_rows(x, k, *, out=None, stream=None):
     rows, n = (int(d) for d in a.shape)
     k = int(k)
     if out is None:
-        values = ns.empty((rows, k), a.dtype, kind)
-        indices = ns.empty((rows, k), np.int32, kind)
+        values = ns.empty((rows, k), a.dtype, kind, stream_)
+        indices = ns.empty((rows, k), np.int32, kind, stream_)
         result = ns.like_input(values, kind), ns.like_input(indices, kind)
     else:
         (values, indices), result = ns.out_views(out), tuple(out)
@@ -246,8 +246,8 @@ def top_k_rows(x, k, *, out=None, stream=None):
         kernel[rows, threads, stream_](bits, no_idx, False, n, n, 1, k, vals_bits, idx_flat)
     else:
         chunk_len = -(-n // chunks)
-        cand_bits = ns.empty(rows * chunks * k, vals_bits.dtype, kind)
-        cand_idx = ns.empty(rows * chunks * k, np.int32, kind)
+        cand_bits = ns.empty(rows * chunks * k, vals_bits.dtype, kind, stream_)
+        cand_idx = ns.empty(rows * chunks * k, np.int32, kind, stream_)
         kernel[rows * chunks, threads, stream_](bits, no_idx, False, n, chunk_len, chunks, k,
                                                 cand_bits, cand_idx)
         m = chunks * k

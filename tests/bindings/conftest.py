@@ -1,0 +1,1 @@
+from _routes import route  # noqa: F401  (the route fixture: tests/_routes.py)
