@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 import pytest
-from _backends import DEVICE, PUBLIC, cpu_result, over_backends
+from _backends import CUPY, DEVICE, PUBLIC, cpu_result, on_backends, over_backends
 
 from sortgrad.kernels import isotonic_regression, isotonic_regression_vjp
 from sortgrad.kernels.isotonic import _cupy as iso_cupy
@@ -266,6 +266,120 @@ def test_nan_row_is_isolated(backend, n, regularization):
     for r in (0, 2):
         close(sol[r], cpu_sol[r], np.float64, what="clean row")
         np.testing.assert_array_equal(ids[r], cpu_ids[r])
+
+
+# --- float32 subnormals (CuPy compiles with -ftz=true) --------------------------------------------
+# The CuPy kernels widen float32 through its bits and narrow float64 results the same way
+# (sortgrad_float.cuh), so subnormal float32 data gives the CPU backend's bits. On a GPU this
+# guards against -ftz=true flushing them (test_cuda_compile.py checks the PTX for that); the
+# emulator does not flush, there it guards the conversions themselves. Data: integers k times
+# 2^-149 with |k| < 2^24 (subnormals and the lowest normal binade), so float64 sums are exact
+# in any order and every result is one correctly rounded division, the same on both backends.
+
+ULP = 2.0 ** -149  # the smallest float32 subnormal
+
+
+def _tiny(k):
+    k = np.asarray(k, dtype=np.int64)
+    assert np.all(np.abs(k) < 2 ** 24)
+    return (k * ULP).astype(np.float32)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _is_subnormal(a):
+    return (a != 0) & (np.abs(a) < np.finfo(np.float32).tiny)
+
+
+def _subnormal_inputs(rng, rows, n, regularization, shared):
+    """L2: a falling trend plus noise (plenty of pooling); KL: s - w strictly decreasing (no
+    pooling: a KL pool's log-sum-exp is rounded differently on the two backends, and with
+    exp(s - max) == 1 for all entries the CPU's linear PAV pools nothing else)."""
+    w_rows = 1 if shared else rows
+    k_w = rng.integers(-2 ** 20, 2 ** 20, size=(w_rows, n))
+    if regularization == "l2":
+        trend = np.linspace(2 ** 23, -2 ** 23, n).round().astype(np.int64)
+        k_s = trend + rng.integers(-2 ** 21, 2 ** 21, size=(rows, n))
+    else:
+        k_y = np.stack([-np.sort(-rng.choice(2 ** 23, size=n, replace=False)) - 2 ** 22
+                        for _ in range(rows)])
+        k_s = k_y + k_w
+    k_s[k_s == 0] = 1  # no -0.0 anywhere, and no +0.0 in s: zeros come from the arithmetic
+    return _tiny(k_s), _tiny(k_w)
+
+
+def _run_ids(rng, rows, n):
+    """Runs of equal ids (1 to a few entries) for the VJP."""
+    return (np.cumsum(rng.random((rows, n)) < 0.4, axis=1)).astype(np.int32)
+
+
+def _check_bits_vs_cpu(backend, function, *args):
+    got = backend.call(OP, function, *args)
+    ref = cpu_result(OP, function, *args)
+    for what, g, r in zip(("first", "second"), got, ref):
+        if r.dtype == np.float32:
+            mismatch = np.flatnonzero(_bits(g) != _bits(r))
+            assert mismatch.size == 0, (
+                f"{function}: {mismatch.size} float32 results differ from the CPU's bits, "
+                f"e.g. at {mismatch[:5]}: {g.ravel()[mismatch[:5]]} vs {r.ravel()[mismatch[:5]]}")
+        else:
+            np.testing.assert_array_equal(g, r, err_msg=f"{function}: {what} output vs CPU")
+    return got
+
+
+@over_backends("n,shared", emulator=[(33, False), (100, True), (3000, False), (3000, True)],
+               gpu=[(70_001, False)], backends=CUPY)
+@pytest.mark.parametrize("regularization", REGS)
+def test_float32_subnormals_match_cpu_bits(backend, n, shared, regularization):
+    """Subnormal float32 input: the solution, the block ids and the VJP are the CPU backend's,
+    bit for bit (small and large kernels)."""
+    rng = np.random.default_rng(n + 3 * shared)
+    rows = 2 if n > 5000 else 3
+    s, w = _subnormal_inputs(rng, rows, n, regularization, shared)
+    assert _is_subnormal(s).mean() > 0.3
+    sol, ids = _check_bits_vs_cpu(backend, "isotonic_rows", s, w, regularization)
+    assert _is_subnormal(sol).any()
+    if regularization == "kl":
+        np.testing.assert_array_equal(ids, np.broadcast_to(np.arange(n), ids.shape))
+    else:
+        assert ids[:, -1].max() < n - 1, "the rows should pool"
+    g = _tiny(rng.integers(-2 ** 22, 2 ** 22, size=(rows, n)))
+    run_ids = _run_ids(rng, rows, n)
+    for blocks in (ids, run_ids):
+        gs, gw = _check_bits_vs_cpu(backend, "isotonic_vjp_rows", g, s, w, blocks,
+                                    regularization)
+        assert _is_subnormal(gs).any() and _is_subnormal(gw).any()
+
+
+@on_backends(*CUPY)
+def test_float32_subnormal_rounding(backend):
+    """L2: pooled means of subnormals round half to even, into the smallest normal, to -0.0
+    below zero; -0.0 and +-inf pass through."""
+    regularization = "l2"
+
+    def u(*k):
+        return [kk * ULP for kk in k]
+    s = np.array([[np.inf] + u(3) + [-0.0] + u(-1, -5, -6, -7, -8, -9, -10, -11) + [-np.inf],
+                  u(2 ** 23 - 1, 2 ** 23, 2, 3, 0, 1, -1, 0, -2, -1, -4, -3)], np.float32)
+    w = np.zeros_like(s)
+    w[0, 1] = ULP
+    sol, ids = _check_bits_vs_cpu(backend, "isotonic_rows", s, w, regularization)
+    expected = np.array([[np.inf] + u(2) + [-0.0] + u(-1, -5, -6, -7, -8, -9, -10, -11)
+                         + [-np.inf],
+                         u(2 ** 23, 2 ** 23, 2, 2, 0, 0) + [-0.0, -0.0] + u(-2, -2, -4, -4)],
+                        np.float32)
+    np.testing.assert_array_equal(_bits(sol), _bits(expected))
+    assert _bits(sol)[1, 0] == 0x00800000  # the smallest normal
+    np.testing.assert_array_equal(ids, [np.arange(12), np.arange(12) // 2])
+    g = _tiny([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+               [2 ** 23 - 1, 2 ** 23, 5, 6, -1, 0, 1, 2, -3, -2, 7, 8]])
+    gs, gw = _check_bits_vs_cpu(backend, "isotonic_vjp_rows", g, s, w, ids, regularization)
+    np.testing.assert_array_equal(_bits(gs[0]), _bits(g[0]))
+    np.testing.assert_array_equal(_bits(gs[1]), _bits(np.float32(
+        u(2 ** 23, 2 ** 23, 6, 6) + [-0.0, -0.0] + u(2, 2, -2, -2, 8, 8))))
+    np.testing.assert_array_equal(_bits(gw), _bits(-gs))
 
 
 # --- VJP ------------------------------------------------------------------------------------------

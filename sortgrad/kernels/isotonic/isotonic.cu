@@ -8,6 +8,9 @@
 //     stay separate blocks (the finest partition, which sets the VJP at ties).
 //   * Block accumulators are float64 for float and double input alike. A singleton's value is
 //     s - w exactly (log(1) == 0 in the KL formula).
+//   * float32 in and out as on the CPU, subnormals included, although CuPy compiles with
+//     -ftz=true: every float32 load is widened with widen(), every float32 result narrowed with
+//     Narrow<T>::of() (sortgrad_float.cuh: through the bits), all arithmetic is float64.
 //   * Clamp: the solution is the running minimum of the block values from the left, so rounding
 //     of equal-valued neighbouring blocks can never break monotonicity.
 //   * Block ids: int32, the pooled runs of a row numbered 0, 1, ... from the left
@@ -59,6 +62,7 @@
 // No synchronisation with the host anywhere; everything runs on the stream it is launched on.
 
 #include "sortgrad_common.cuh"
+#include "sortgrad_float.cuh"
 
 #if defined(SG_HOST_EMULATION)
 #include <cmath>
@@ -68,6 +72,9 @@
 namespace sg_iso {
 
 typedef long long i64;
+
+using sg::Narrow;
+using sg::widen;
 
 #if defined(SG_HOST_EMULATION)
 using std::exp;
@@ -121,7 +128,7 @@ template <> struct Pav<0> {  // L2: value = sum(s - w) / count
   template <class T>
   static __device__ __forceinline__ Acc leaf(T s, T w) {
     Acc a;
-    a.sum = (double)s - (double)w;
+    a.sum = widen(s) - widen(w);
     return a;
   }
   static __device__ __forceinline__ Acc merge(const Acc& l, const Acc& r) {
@@ -142,9 +149,9 @@ template <> struct Pav<1> {  // KL: value = (ms + log ss) - (mw + log sw)
   template <class T>
   static __device__ __forceinline__ Acc leaf(T s, T w) {
     Acc a;
-    a.ms = (double)s;
+    a.ms = widen(s);
     a.ss = 1.0;
-    a.mw = (double)w;
+    a.mw = widen(w);
     a.sw = 1.0;
     return a;
   }
@@ -457,7 +464,7 @@ isotonic_fwd_small(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
         ++c;
         v = dmin(v, P::value(acc[p], end[p] - p));
       }
-      out_v[k] = (T)v;
+      out_v[k] = Narrow<T>::of(v);
       out_id[k] = c - 1;
     }
   }
@@ -623,7 +630,7 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
         if (p < e) {
           c += end[p];
           out_id[k] = base + c;
-          out_v[k] = (T)val[cursor - out_id[k]];
+          out_v[k] = Narrow<T>::of(val[cursor - out_id[k]]);
         }
       }
       // val (the acc array) becomes the staging area of the solution, begin that of the ids
@@ -651,7 +658,7 @@ template <> struct Vjp<0> {  // L2: grad_s = mean_B(g), grad_w = -grad_s
   template <class T>
   static __device__ __forceinline__ Acc leaf(T g, T, T) {
     Acc a;
-    a.sum = (double)g;
+    a.sum = widen(g);
     a.count = 1;
     a.pad = 0;
     return a;
@@ -670,8 +677,8 @@ template <> struct Vjp<0> {  // L2: grad_s = mean_B(g), grad_w = -grad_s
   }
   template <class T>
   static __device__ __forceinline__ void grads(const Total& t, T, T, T& gs, T& gw) {
-    gs = (T)t.mean;
-    gw = (T)(-t.mean);
+    gs = Narrow<T>::of(t.mean);
+    gw = Narrow<T>::of(-t.mean);
   }
 };
 
@@ -686,10 +693,10 @@ template <> struct Vjp<1> {  // KL: grad_s = softmax(s_B) sum_B(g), grad_w = -so
   template <class T>
   static __device__ __forceinline__ Acc leaf(T g, T s, T w) {
     Acc a;
-    a.sg = (double)g;
-    a.ms = (double)s;
+    a.sg = widen(g);
+    a.ms = widen(s);
     a.zs = 1.0;
-    a.mw = (double)w;
+    a.mw = widen(w);
     a.zw = 1.0;
     return a;
   }
@@ -710,8 +717,8 @@ template <> struct Vjp<1> {  // KL: grad_s = softmax(s_B) sum_B(g), grad_w = -so
   }
   template <class T>
   static __device__ __forceinline__ void grads(const Total& t, T s, T w, T& gs, T& gw) {
-    gs = (T)(exp((double)s - t.ms) * t.fs);
-    gw = (T)(-(exp((double)w - t.mw) * t.fw));
+    gs = Narrow<T>::of(exp(widen(s) - t.ms) * t.fs);
+    gw = Narrow<T>::of(-(exp(widen(w) - t.mw) * t.fw));
   }
 };
 

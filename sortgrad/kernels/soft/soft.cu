@@ -15,9 +15,10 @@
 // entry (block ids 0); prep writes flag[row] = 1 for such rows (0 otherwise), finish reads it.
 //
 // Float32 in and out without the flush to zero that CuPy's -ftz=true would apply: widen() and
-// narrow() convert subnormals through their bits (the CPU keeps them).
+// Narrow<T>::of() (sortgrad_float.cuh) convert through the bits (the CPU keeps subnormals).
 
 #include "sortgrad_common.cuh"
+#include "sortgrad_float.cuh"
 
 #if defined(SG_HOST_EMULATION)
 #include <cmath>
@@ -32,8 +33,11 @@ typedef unsigned long long u64;
 #if defined(SG_HOST_EMULATION)
 using std::exp;
 using std::log;
-using std::rint;
 #endif
+
+using sg::bits_as;
+using sg::Narrow;
+using sg::widen;
 
 constexpr int BLOCK = 256;
 constexpr int ITEMS = 8;
@@ -66,47 +70,11 @@ enum {
   FIN_VJP_SORT = 5,  // out[perm] = t
 };
 
-template <class To, class From>
-__device__ __forceinline__ To bits_as(const From& v) {
-  static_assert(sizeof(To) == sizeof(From), "same width");
-  To out;
-  memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
 __device__ __forceinline__ double nan_d() { return bits_as<double>(0x7ff8000000000000ull); }
 
 __device__ __forceinline__ bool finite(double v) {
   return (bits_as<u64>(v) & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
 }
-
-// Exact widening (subnormal float32 kept: no flush to zero).
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ double widen(float v) {
-  const unsigned b = bits_as<unsigned>(v);
-  if ((b & 0x7f800000u) == 0u) {  // zero or subnormal: integer mantissa * 2^-149, exact
-    const double m = (double)(int)(b & 0x007fffffu) * 0x1p-149;
-    return (b & 0x80000000u) ? -m : m;
-  }
-  return (double)v;
-}
-
-// Round to the output type (round to nearest even, float32 subnormals kept).
-template <class T> struct Narrow;
-template <> struct Narrow<double> {
-  static __device__ __forceinline__ double of(double v) { return v; }
-};
-template <> struct Narrow<float> {
-  static __device__ __forceinline__ float of(double v) {
-    const double a = v < 0.0 ? -v : v;
-    if (a > 0.0 && a < 0x1p-126) {
-      // a * 2^149 is exact; rint rounds half to even; 2^23 is the smallest normal's bits
-      const unsigned m = (unsigned)rint(a * 0x1p149);
-      return bits_as<float>(v < 0.0 ? (m | 0x80000000u) : m);
-    }
-    return (float)v;
-  }
-};
 
 // Rows of the block: [r0, r0 + nr), all of length n.
 struct Rows {
