@@ -134,7 +134,7 @@ def numpy_top_k_indices(v, k):
 # --- forward ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,key", [(np.float32, KEY), (np.float64, FRY)])
-def test_forward_equals_naive_loop(dtype, key):
+def test_forward_equals_naive_loop(route, dtype, key):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 7)).astype(dtype)
     S, k, sigma = 50, 3, 0.7
@@ -186,7 +186,7 @@ def test_forward_matches_exact_expectation_n3(k):
 # --- gradient -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gradient_is_the_documented_estimator(dtype):
+def test_gradient_is_the_documented_estimator(route, dtype):
     """dx = sum_s (f_s - mean f) z_s / ((S-1) sigma) with the forward's own draws."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 6)).astype(dtype)
@@ -261,7 +261,7 @@ def test_jit_equals_eager_forward_and_gradient():
     np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(f)(x), rtol=1e-12, atol=1e-14)
 
 
-def test_vmap_over_x_and_over_keys_equals_loop():
+def test_vmap_over_x_and_over_keys_equals_loop(route):
     rng = np.random.default_rng(4)
     xs = rng.standard_normal((3, 8))
     gs = rng.standard_normal((3, 2, 8))
@@ -363,7 +363,7 @@ def test_infinities_are_selected_like_lax_top_k():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
-def test_16_bit_computes_in_float32(dtype):
+def test_16_bit_computes_in_float32(route, dtype):
     x = np.random.default_rng(8).standard_normal((2, 6)).astype(dtype)
     p = sortgrad.perturbed_top_k(KEY, x, 2, num_samples=30)
     ref = sortgrad.perturbed_top_k(KEY, x.astype(np.float32), 2, num_samples=30)
@@ -374,7 +374,7 @@ def test_16_bit_computes_in_float32(dtype):
     assert dx.dtype == dtype
 
 
-def test_k_zero_and_k_equals_n():
+def test_k_zero_and_k_equals_n(route):
     x = np.random.default_rng(9).standard_normal((2, 4))
     p0 = sortgrad.perturbed_top_k(KEY, x, 0, num_samples=10)
     assert p0.shape == (2, 0, 4) and p0.dtype == x.dtype
