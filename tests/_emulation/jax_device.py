@@ -1,8 +1,8 @@
 """Device platforms that stand in for the GPU under the JAX binding's GPU branch, with JAX on the
 CPU: the branch itself (`sortgrad/bindings/jax/_call.py`: `_device_call`, the measured scratch
 output, the workspace carving, `out=` into XLA's buffers, the stream and backend passed to the
-kernel API, vmap batching) runs unchanged; only the four platform methods that touch a real GPU
-(`_device.py`: wrap, stream, scope, zeros) are replaced:
+kernel API, vmap batching) runs unchanged; only the platform methods that touch a real GPU
+(`_device.py`: wrap, stream, scope, zeros, release) are replaced:
 
 - `EmulatedCupy(emulator)`: XLA's host buffers viewed as `EmulatedDeviceArray` (a NumPy
   subclass the kernel API treats as a CuPy array: `sortgrad.kernels._backends.array_kind` says
@@ -85,6 +85,9 @@ class EmulatedCupy:
     def zeros(self, shape, dtype):
         return _as_device(np.zeros(shape, dtype))
 
+    def release(self):
+        pass
+
 
 class SimulatedNumba:
     """The Numba CUDA backend on Numba's CUDA simulator, as a device platform of the JAX
@@ -119,3 +122,6 @@ class SimulatedNumba:
     def zeros(self, shape, dtype):
         from numba import cuda
         return cuda.to_device(np.zeros(shape, dtype))
+
+    def release(self):
+        pass

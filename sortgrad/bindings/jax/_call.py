@@ -138,6 +138,8 @@ def _scratch_bytes(platform, kernel_fn, arg_specs: tuple, result_specs: tuple) -
         results = tuple(platform.zeros(shape, dtype) for shape, dtype in result_specs)
         with kernels.measure_scratch() as measured:
             kernel_fn(*arrays, out=results, stream=None, backend=platform.backend)
+        del arrays, results
+        platform.release()
     return measured.bytes
 
 

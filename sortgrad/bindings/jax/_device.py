@@ -7,8 +7,10 @@ A *device platform* is what a callback pass needs to run the kernel API on XLA's
   buffer; nothing is synchronised);
 - `stream(ctx, device)`: the launch stream for the kernel API, from the callback's context;
 - `scope(device)`: a context manager making the device (its number) current;
-- `current_device()`, `zeros(shape, dtype)`: the current device and a new zero-filled device
-  array (the trace-time measuring run of scratch sizes).
+- `current_device()`, `zeros(shape, dtype)`, `release()`: the current device, a new
+  zero-filled device array and the return of cached memory to the driver (the trace-time
+  measuring run of scratch sizes: JAX holds most of the GPU, the measuring run's memory must
+  not stay in a pool afterwards).
 `CupyPlatform` and `NumbaPlatform` are the real ones; the tests plug in emulated ones.
 
 Backend choice: CuPy by default; Numba CUDA on request -- `set_gpu_backend("numba")`, the
@@ -124,6 +126,10 @@ class CupyPlatform:
         import cupy
         return cupy.zeros(shape, dtype)
 
+    def release(self):
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()  # cudaFree waits for the device
+
 
 class NumbaPlatform:
     backend = "numba"
@@ -160,6 +166,12 @@ class NumbaPlatform:
         a = cuda.device_array(shape, dtype)
         a.copy_to_device(np.zeros(shape, dtype))
         return a
+
+    def release(self):
+        from numba import cuda
+        pending = getattr(cuda.current_context(), "deallocations", None)
+        if pending is not None:
+            pending.clear()  # free what Numba deferred
 
 
 PLATFORMS = {"cupy": CupyPlatform(), "numba": NumbaPlatform()}
