@@ -150,3 +150,18 @@ def test_backend_choice_is_part_of_the_compiled_program_key(monkeypatch):
     with sortgrad.gpu_backend("numba"):
         sortgrad.sort(x)
     assert seen[0] != seen[1] and seen[1][1] == "numba"
+
+
+class _FakeDeviceBuffer:
+    def __init__(self, shape, strides, dtype=np.float32):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.__cuda_array_interface__ = {"data": (1234, False), "strides": strides,
+                                         "shape": shape, "typestr": self.dtype.str, "version": 3}
+
+
+def test_gpu_buffers_must_be_row_major():
+    assert _device._cuda_ptr(_FakeDeviceBuffer((2, 3), None)) == 1234
+    assert _device._cuda_ptr(_FakeDeviceBuffer((2, 3), (12, 4))) == 1234
+    assert _device._cuda_ptr(_FakeDeviceBuffer((2, 1, 3), (12, 99, 4))) == 1234  # size-1 dim
+    with pytest.raises(ValueError, match="row-major"):
+        _device._cuda_ptr(_FakeDeviceBuffer((2, 3), (4, 8)))

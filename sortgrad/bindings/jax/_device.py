@@ -68,14 +68,15 @@ def gpu_backend(name: str | None):
 
 
 def _cuda_ptr(buffer) -> int:
+    """The device pointer of an XLA buffer, which must be row-major (dims of size 1 aside)."""
     interface = buffer.__cuda_array_interface__
     strides = interface.get("strides")
-    if strides is not None and math.prod(buffer.shape) > 1:
-        itemsize = np.dtype(buffer.dtype).itemsize
-        expected = tuple(int(np.prod(buffer.shape[i + 1:])) * itemsize
-                         for i in range(len(buffer.shape)))
-        if tuple(strides) != expected:
-            raise ValueError("sortgrad's GPU passes need row-major XLA buffers")
+    if strides is not None:
+        shape, step = tuple(buffer.shape), np.dtype(buffer.dtype).itemsize
+        for dim, stride in zip(reversed(shape), reversed(tuple(strides))):
+            if dim > 1 and stride != step:
+                raise ValueError("sortgrad's GPU passes need row-major XLA buffers")
+            step *= dim
     return int(interface["data"][0])
 
 
