@@ -11,9 +11,16 @@ old, new) on an otherwise idle machine; the printout gives the geometric-mean ra
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
+import sys
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import read_json, write_json  # noqa: E402
 
 
 def _key(r):
@@ -24,8 +31,7 @@ def sortgrad_medians(paths):
     """{key: [median_ms per run]} of the sortgrad records of the runs."""
     out: dict = {}
     for path in paths:
-        with open(path) as f:
-            records = json.load(f)["records"]
+        records = read_json(path)["records"]
         for r in records:
             if r["impl"] == "sortgrad":
                 out.setdefault(_key(r), []).append(r["median_ms"])
@@ -39,8 +45,7 @@ def _environments(paths):
     """Commit, load and versions of each run (the JSON of bench_cpu.py records them)."""
     out = []
     for path in paths:
-        with open(path) as f:
-            d = json.load(f)
+        d = read_json(path)
         env = d["environment"]
         out.append({"git_commit": env["git_commit"], "git_dirty": env["git_dirty"],
                     "date": env["date"], "cpu_model": env["cpu_model"], "cores": env["cores"],
@@ -66,9 +71,8 @@ def main():
     geo = math.exp(sum(logs) / len(logs))
     print(f"geometric mean {new_name}/{ref_name}: {geo:.3f} over {len(rows)} records")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"reference": ref_paths, "new": new_paths, "geomean_ratio": geo,
-                       "rows": rows}, f, indent=1)
+        write_json(args.out, {"reference": ref_paths, "new": new_paths, "geomean_ratio": geo,
+                              "rows": rows})
 
 
 if __name__ == "__main__":

@@ -39,15 +39,8 @@ intra-op pool, XLA its own; anything else running skews all of them.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import fnmatch
 import gc
-import json
 import os
-import platform
-import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,9 +49,13 @@ from pathlib import Path
 # sortgrad/JAX cases timed after them; passive waiting keeps the cases independent.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmark this checkout, also when it is not pip-installed
-    sys.path.insert(0, str(REPO))
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import (RESULTS, cpu_environment, format_shape, host_tag, loadavg,  # noqa: E402
+                     parse_shape, selected, tie_group_mean, timing_stats, usable_cores,
+                     write_json)
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
@@ -79,98 +76,7 @@ HARD_OPS = ["sort", "argsort", "top_k"]
 SOFT_TOL = {"float32": 1e-4, "float64": 1e-9}
 
 
-# --- environment ----------------------------------------------------------------------------
-
-def _cmd(*args: str) -> str | None:
-    try:
-        return subprocess.run(args, cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(module)
-    except Exception:
-        return None
-
-
-def _loadavg():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname().split(".")[0]) or "host"
-
-
-def environment(torch_mod, torch_threads) -> dict:
-    import numba
-    status = _cmd("git", "status", "--porcelain")
-    return {
-        "git_commit": _cmd("git", "rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "hostname": socket.gethostname(),
-        "cpu_model": _cpu_model(),
-        "cores": _cores(),
-        "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "jax": jax.__version__,
-            "jaxlib": _version("jaxlib"),
-            "numba": numba.__version__,
-            "torch": getattr(torch_mod, "__version__", None),
-            "torchsort": _version("torchsort"),
-            "sortgrad": _sortgrad_version(),
-        },
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "numba_threads": numba.get_num_threads(),
-        "torch_threads": torch_threads,
-        "sortgrad_callback_mode": _callback_mode(),
-        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
-                                           "SORTGRAD_CALLBACK") if k in os.environ},
-    }
-
-
-def _sortgrad_version():
-    try:
-        import sortgrad
-        return {"version": getattr(sortgrad, "__version__", None), "path": sortgrad.__file__}
-    except Exception as e:  # pragma: no cover - reported, not fatal
-        return {"error": repr(e)}
-
-
-def _callback_mode():
-    try:
-        import sortgrad
-        return sortgrad.get_callback_mode()
-    except Exception:
-        return None
-
+# --- optional libraries ---------------------------------------------------------------------
 
 def load_torch(threads: int):
     """(torch, torchsort, threads) or Nones when they are not installed."""
@@ -220,10 +126,7 @@ def measure(call, repeats: int, warmup: int, max_seconds: float) -> dict:
     finally:
         if gc_was_enabled:
             gc.enable()
-    t = np.asarray(times)
-    p25, med, p75 = np.percentile(t, [25, 50, 75])
-    return {"median_ms": med * 1e3, "iqr_ms": (p75 - p25) * 1e3, "p25_ms": p25 * 1e3,
-            "p75_ms": p75 * 1e3, "min_ms": t.min() * 1e3, "samples": len(t)}
+    return timing_stats(np.asarray(times) * 1e3, unit="ms", count_key="samples", iqr=True)
 
 
 def _block(out):
@@ -231,28 +134,6 @@ def _block(out):
 
 
 # --- agreement ------------------------------------------------------------------------------
-
-def tie_group_mean(g, x):
-    """g with each entry replaced by the mean of g over the entries of its row that tie in x.
-
-    At exactly tied inputs the soft/hard sort is not differentiable and implementations split
-    the cotangent by their own tie convention (sortgrad: stable, as jnp.sort; torchsort:
-    whatever torch.sort(descending=True) of -x does). The sum over a tie group is the same for
-    every convention, so gradients are compared after this averaging.
-    """
-    g = np.asarray(g, dtype=np.float64)
-    x = np.asarray(x)
-    n = x.shape[-1]
-    g2, x2 = g.reshape(-1, n), x.reshape(-1, n)
-    out = np.empty_like(g2)
-    for r in range(x2.shape[0]):
-        _, inv, counts = np.unique(x2[r], return_inverse=True, return_counts=True)
-        if counts.size == n:
-            out[r] = g2[r]
-        else:
-            out[r] = (np.bincount(inv, weights=g2[r], minlength=counts.size) / counts)[inv]
-    return out.reshape(g.shape)
-
 
 def tied_elements(x) -> int:
     x = np.asarray(x)
@@ -297,8 +178,7 @@ class Bench:
 
     # .. helpers
     def selected(self, label: str) -> bool:
-        pats = self.args.only
-        return not pats or any(fnmatch.fnmatchcase(label, p) for p in pats)
+        return selected(label, self.args.only)
 
     def has(self, name: str) -> bool:
         return self.sg is not None and hasattr(self.sg, name)
@@ -311,7 +191,7 @@ class Bench:
             required=True):
         n = int(np.prod(shape))
         rec = {"op": op, "label": label, "variant": variant, "pass": pass_,
-               "shape": list(shape), "shape_str": "x".join(map(str, shape)), "dtype": dtype,
+               "shape": list(shape), "shape_str": format_shape(shape), "dtype": dtype,
                "impl": impl, "n_elements": n, **timing,
                "elements_per_s": n / (timing["median_ms"] * 1e-3)}
         if check is not None:
@@ -596,16 +476,6 @@ def markdown_table(records) -> str:
     return "\n".join(rows)
 
 
-def parse_shape(s: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(p) for p in s.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {s!r}, want e.g. 1024x1000") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"bad shape {s!r}")
-    return shape
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -649,10 +519,9 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"unsupported dtype {d!r}; choose from {DTYPES}")
-    out = args.out or (REPO / "perf" / "results" /
-                       f"cpu-{_host_tag()}{'-smoke' if smoke else ''}.json")
+    out = args.out or (RESULTS / f"cpu-{host_tag()}{'-smoke' if smoke else ''}.json")
 
-    cores = _cores()
+    cores = usable_cores()
     torch, torchsort, torch_threads = ((None, None, None) if args.no_torch
                                        else load_torch(args.torch_threads or cores))
     sortgrad = load_sortgrad()
@@ -663,14 +532,14 @@ def main(argv=None) -> int:
     if jax.default_backend() != "cpu":
         bench.notes.append(f"JAX default backend is {jax.default_backend()}, not cpu")
 
-    load_start = _loadavg()
+    load_start = loadavg()
     if not smoke and load_start and load_start[0] > 0.5:
         msg = (f"load average {load_start[0]:.2f} at start: other work is running, "
                "timings will be noisy")
         bench.notes.append(msg)
         print(f"! {msg}", file=sys.stderr)
     t_start = time.perf_counter()
-    print(f"sortgrad CPU benchmark: shapes {['x'.join(map(str, s)) for s in shapes]}, "
+    print(f"sortgrad CPU benchmark: shapes {[format_shape(s) for s in shapes]}, "
           f"dtypes {dtypes}, {args.repeats} repeats, {cores} cores, torch threads "
           f"{torch_threads}", file=sys.stderr)
     if sortgrad is not None:
@@ -689,18 +558,18 @@ def main(argv=None) -> int:
     else:
         conventions = []
     bench.link_ratios()
-    load_end = _loadavg()
+    load_end = loadavg()
 
     result = {
         "benchmark": "bench_cpu",
         "smoke": smoke,
-        "config": {"shapes": ["x".join(map(str, s)) for s in shapes], "dtypes": dtypes,
+        "config": {"shapes": [format_shape(s) for s in shapes], "dtypes": dtypes,
                    "repeats": args.repeats, "warmup": args.warmup,
                    "max_seconds": args.max_seconds, "overhead_calls": args.overhead_calls,
                    "only": args.only, "seed": args.seed, "regularization_strength": EPS,
                    "top_k": TOP_K, "soft_tolerance": SOFT_TOL,
                    "timer": "time.perf_counter per call, jax.block_until_ready for JAX"},
-        "environment": environment(torch, torch_threads),
+        "environment": cpu_environment(torch, torch_threads),
         "elapsed_s": time.perf_counter() - t_start,
         "loadavg_start": load_start,
         "loadavg_end": load_end,
@@ -709,8 +578,7 @@ def main(argv=None) -> int:
         "convention_checks": conventions,
         "records": bench.records,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    write_json(out, result)
 
     print(markdown_table(bench.records))
     print(f"\n{len(bench.records)} records -> {out} ({result['elapsed_s']:.1f} s)",
@@ -722,18 +590,6 @@ def main(argv=None) -> int:
     if sortgrad is None:
         return 2
     return 1 if bench.failures else 0
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
 
 
 if __name__ == "__main__":

@@ -37,18 +37,17 @@ Without CuPy or a CUDA GPU the script says so and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import fnmatch
-import json
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmark this checkout, also when it is not pip-installed
-    sys.path.insert(0, str(REPO))
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import (RESULTS, bandwidth_fraction, copy_bandwidth, cupy_device_info,  # noqa: E402
+                     device_tag, git_info, jax_on_gpu, module_version, nvidia_smi, selected,
+                     time_cupy, time_torch, time_wall, torch_cuda, utc_now, write_json)
 
 import numpy as np  # noqa: E402
 
@@ -72,24 +71,8 @@ def gpu_unavailable() -> str | None:
     return "no CUDA GPU"
 
 
-def _cmd(*args):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, cwd=REPO,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
 def environment(cupy) -> dict:
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    dev = cupy_device_info(cupy)
     try:
         from cuda.bindings import nvrtc
         _, major, minor = nvrtc.nvrtcVersion()
@@ -97,98 +80,29 @@ def environment(cupy) -> dict:
     except Exception:
         nvrtc_version = None
     return {
-        "git_commit": _cmd("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(_cmd("git", "status", "--porcelain")),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **git_info(),
+        "date": utc_now(),
         "python": platform.python_version(), "platform": platform.platform(),
-        "device": name,
-        "compute_capability": f"{props['major']}.{props['minor']}",
-        "multiprocessors": props["multiProcessorCount"],
-        "driver_version": cupy.cuda.runtime.driverGetVersion(),
-        "runtime_version": cupy.cuda.runtime.runtimeGetVersion(),
+        "device": dev["name"],
+        "compute_capability": dev["compute_capability"],
+        "multiprocessors": dev["multiprocessors"],
+        "driver_version": dev["driver_version"],
+        "runtime_version": dev["cuda_runtime_version"],
         "nvrtc_version": nvrtc_version,
-        "nvidia_smi": _cmd("nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
-                           "memory.total", "--format=csv,noheader"),
-        "versions": {m: _version(m) for m in ("numpy", "cupy", "jax", "jaxlib", "torch",
-                                              "torchsort")},
+        "nvidia_smi": nvidia_smi("name,driver_version,clocks.max.sm,memory.total"),
+        "versions": {m: module_version(m) for m in ("numpy", "cupy", "jax", "jaxlib", "torch",
+                                                    "torchsort")},
     }
 
 
 # --- timing -------------------------------------------------------------------------------------
 
-def _stats(ms) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {"median_ms": float(np.median(a)), "p25_ms": float(np.percentile(a, 25)),
-            "p75_ms": float(np.percentile(a, 75)), "min_ms": float(a.min()), "n": int(a.size)}
-
-
-def time_cupy(cupy, call, warmup: int, repeats: int) -> dict:
-    """CUDA events on the current stream around each call (kernels and allocations)."""
-    for _ in range(warmup):
-        call()
-    cupy.cuda.get_current_stream().synchronize()
-    ms = []
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        ms.append(cupy.cuda.get_elapsed_time(start, end))
-    return dict(_stats(ms), timer="cuda events")
-
-
-def time_torch(torch, call, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        ms.append(start.elapsed_time(end))
-    return dict(_stats(ms), timer="torch cuda events")
-
-
-def time_wall(call, sync, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        sync(call())
-    ms = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(call())
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return dict(_stats(ms), timer="wall + block_until_ready")
-
-
-def copy_bandwidth(cupy, nbytes: int, warmup: int, repeats: int) -> float:
+def cupy_copy_bandwidth(cupy, nbytes: int, warmup: int, repeats: int) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = cupy.ones(nbytes // 4, dtype=np.float32)
     dst = cupy.empty_like(src)
     timing = time_cupy(cupy, lambda: cupy.copyto(dst, src), warmup, repeats)
-    return 2 * src.nbytes / (timing["median_ms"] * 1e-3)
-
-
-# --- optional libraries -----------------------------------------------------------------------
-
-def _jax_gpu():
-    try:
-        import jax
-        return jax if jax.devices("gpu") else None
-    except Exception:
-        return None
-
-
-def _torch_cuda():
-    try:
-        import torch
-        return torch if torch.cuda.is_available() else None
-    except Exception:
-        return None
+    return copy_bandwidth(src.nbytes, timing["median_ms"] * 1e-3)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -226,19 +140,17 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     result = {"environment": environment(cupy), "total_elements": total, "records": [],
               "failed_checks": [], "smoke": bool(args.smoke)}
-    bandwidth = copy_bandwidth(cupy, 1 << 28 if not args.smoke else 1 << 22, warmup, repeats)
+    bandwidth = cupy_copy_bandwidth(cupy, 1 << 28 if not args.smoke else 1 << 22, warmup,
+                                    repeats)
     result["copy_bandwidth_GBps"] = bandwidth / 1e9
-    jax, torch = _jax_gpu(), _torch_cuda()
-
-    def selected(name):
-        return any(fnmatch.fnmatch(name, p) for p in args.only.split(","))
+    jax, torch = jax_on_gpu(), torch_cuda()
 
     def record(case, impl, timing, elements, min_bytes, agree, **extra):
         seconds = timing["median_ms"] * 1e-3
         rec = dict(case=case, impl=impl, agree=bool(agree), elements=int(elements),
                    elements_per_s=elements / seconds,
-                   fraction_of_copy_bandwidth=(min_bytes / seconds) / bandwidth
-                   if min_bytes else None, **timing, **extra)
+                   fraction_of_copy_bandwidth=bandwidth_fraction(min_bytes, seconds, bandwidth),
+                   **timing, **extra)
         result["records"].append(rec)
         if not agree and impl.startswith("sortgrad"):
             result["failed_checks"].append(f"{case}/{impl}")
@@ -249,7 +161,7 @@ def run(args) -> dict:
     # sort ------------------------------------------------------------------------------------
     for row in (32, 1024, 4096):
         case = f"sort_rows{row}"
-        if not selected(case):
+        if not selected(case, args.only):
             continue
         x = rng.standard_normal((total // row, row)).astype(np.float32)
         xd = cupy.asarray(x)
@@ -288,7 +200,7 @@ def run(args) -> dict:
                    time_torch(torch, lambda: torch.sort(xt, dim=-1, stable=True), warmup,
                               repeats), x.size, 16 * x.size, ok)
 
-    if selected("sort_ragged"):
+    if selected("sort_ragged", args.only):
         offsets = ragged_offsets(total, rng)
         x = rng.standard_normal(total).astype(np.float32)
         xd = cupy.asarray(x)
@@ -304,7 +216,7 @@ def run(args) -> dict:
     xd = cupy.asarray(x)
     for k in TOP_KS:
         case = f"top_k{k}"
-        if not selected(case):
+        if not selected(case, args.only):
             continue
         want_v, want_i = topk_cpu.top_k_rows(x, k)
         got_v, got_i = topk_cupy.top_k_rows(xd, k)
@@ -326,7 +238,7 @@ def run(args) -> dict:
 
     # permutations ----------------------------------------------------------------------------
     for case, shape in (("scatter_rows4096", (total // 4096, 4096)), ("scatter_1row", (1, total))):
-        if not selected(case):
+        if not selected(case, args.only):
             continue
         perm = np.argsort(rng.random(shape), axis=-1).astype(np.int32)
         values = rng.standard_normal(shape).astype(np.float32)
@@ -346,7 +258,7 @@ def run(args) -> dict:
         record(case, "cupy fancy-index scatter", time_cupy(cupy, fancy, warmup, repeats),
                values.size, 12 * values.size,
                same_bits(out.get(), perm_cpu.scatter_rows(values, perm, n)))
-    if selected("inverse_rows4096"):
+    if selected("inverse_rows4096", args.only):
         perm = np.argsort(rng.random((total // 4096, 4096)), axis=-1).astype(np.int32)
         pd = cupy.asarray(perm)
         agree = np.array_equal(perm_cupy.inverse_rows(pd).get(), perm_cpu.inverse_rows(perm))
@@ -372,7 +284,7 @@ def run(args) -> dict:
             torchsort = None
     for rows, n in (SMOKE_PAV_SHAPES if args.smoke else PAV_SHAPES):
         case = f"pav_l2_{rows}x{n}"
-        if iso_cupy is None or not selected(case):
+        if iso_cupy is None or not selected(case, args.only):
             continue
         # soft-rank inputs (strength 1): z sorted descending, anchors rho = n..1, spread so
         # that PAV pools some runs and leaves others
@@ -442,10 +354,9 @@ def main(argv=None) -> int:
     result = run(args)
     out = args.out
     if out is None:
-        device = result["environment"]["device"].lower().replace(" ", "-")
-        out = REPO / "perf" / "results" / f"gpu-cupy-{device}{'-smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+        device = device_tag(result["environment"]["device"])
+        out = RESULTS / f"gpu-cupy-{device}{'-smoke' if args.smoke else ''}.json"
+    write_json(out, result)
     print(f"wrote {out}")
     if result["failed_checks"]:
         print("FAILED checks:", ", ".join(result["failed_checks"]), file=sys.stderr)

@@ -31,21 +31,20 @@ commit, every record) goes to perf/results/gpu-numba-<device>.json unless --out 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import fnmatch
-import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmark this checkout, also when it is not pip-installed
-    sys.path.insert(0, str(REPO))
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import (RESULTS, bandwidth_fraction, copy_bandwidth, device_tag,  # noqa: E402
+                     git_info, jax_on_gpu, module_version, nvidia_smi, selected, time_cupy,
+                     time_torch, time_wall, timing_stats, torch_cuda, utc_now, write_json)
 
 import numpy as np  # noqa: E402
-import numba  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from sortgrad import kernels  # noqa: E402
@@ -67,29 +66,13 @@ SIMULATOR_CONSTANTS = {
 }
 
 
-def _cmd(*args):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, cwd=REPO,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
-
-
 def environment() -> dict:
-    env = {"git_commit": _cmd("git", "rev-parse", "HEAD"),
-           "git_dirty": bool(_cmd("git", "status", "--porcelain")),
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    env = {**git_info(),
+           "date": utc_now(),
            "python": platform.python_version(), "platform": platform.platform(),
            "simulator": ns.SIMULATOR,
-           "versions": {m: _version(m) for m in ("numpy", "numba", "jax", "jaxlib", "cupy",
-                                                 "torch")}}
+           "versions": {m: module_version(m) for m in ("numpy", "numba", "jax", "jaxlib",
+                                                       "cupy", "torch")}}
     if ns.SIMULATOR:
         env["device"] = "Numba CUDA simulator"
         return env
@@ -100,18 +83,11 @@ def environment() -> dict:
                multiprocessors=limits.multiprocessor_count,
                driver_version=cuda.cudadrv.driver.driver.get_version(),
                runtime_version=cuda.runtime.get_version(),
-               nvidia_smi=_cmd("nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
-                               "memory.total", "--format=csv,noheader"))
+               nvidia_smi=nvidia_smi("name,driver_version,clocks.max.sm,memory.total"))
     return env
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-def _stats(ms: list) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {"median_ms": float(np.median(a)), "p25_ms": float(np.percentile(a, 25)),
-            "p75_ms": float(np.percentile(a, 75)), "min_ms": float(a.min()), "n": int(a.size)}
-
 
 def time_numba(call, stream, warmup: int, repeats: int) -> dict:
     """CUDA events around each call on `stream` (wall clock on the simulator: no timings)."""
@@ -131,36 +107,20 @@ def time_numba(call, stream, warmup: int, repeats: int) -> dict:
         end.record(stream)
         end.synchronize()
         ms.append(cuda.event_elapsed_time(start, end))
-    return dict(_stats(ms), timer="wall (simulator)" if ns.SIMULATOR else "cuda events")
+    return dict(timing_stats(ms), timer="wall (simulator)" if ns.SIMULATOR else "cuda events")
 
 
-def copy_bandwidth(stream, nbytes: int, warmup: int, repeats: int) -> float:
+def numba_copy_bandwidth(stream, nbytes: int, warmup: int, repeats: int) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
     if ns.SIMULATOR:
         return float("nan")
     timing = time_numba(lambda: dst.copy_to_device(src, stream=stream), stream, warmup, repeats)
-    return 2 * src.nbytes / (timing["median_ms"] * 1e-3)
+    return copy_bandwidth(src.nbytes, timing["median_ms"] * 1e-3)
 
 
 # --- baselines ------------------------------------------------------------------------------
-
-def _jax_gpu():
-    try:
-        import jax
-        return jax if jax.devices("gpu") else None
-    except Exception:
-        return None
-
-
-def _torch_cuda():
-    try:
-        import torch
-        return torch if torch.cuda.is_available() else None
-    except Exception:
-        return None
-
 
 def _cupy():
     if ns.SIMULATOR:
@@ -172,47 +132,6 @@ def _cupy():
         return None
 
 
-def time_wall(call, sync, warmup, repeats) -> dict:
-    for _ in range(warmup):
-        sync(call())
-    ms = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(call())
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return dict(_stats(ms), timer="wall + block_until_ready")
-
-
-def time_torch(torch, call, warmup, repeats) -> dict:
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    ms = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        ms.append(start.elapsed_time(end))
-    return dict(_stats(ms), timer="torch cuda events")
-
-
-def time_cupy(cupy, call, warmup, repeats) -> dict:
-    for _ in range(warmup):
-        call()
-    cupy.cuda.get_current_stream().synchronize()
-    ms = []
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        ms.append(cupy.cuda.get_elapsed_time(start, end))
-    return dict(_stats(ms), timer="cupy cuda events")
-
-
 def baselines(kind: str, x_host: np.ndarray, k: int | None, warmup: int, repeats: int) -> list:
     """(impl, timing, agree) for the available GPU libraries; `agree` compares with the CPU
     backend (sort values; top-k values and indices)."""
@@ -221,7 +140,7 @@ def baselines(kind: str, x_host: np.ndarray, k: int | None, warmup: int, repeats
         want = kernels.segmented_sort(x_host)[0]
     else:
         want_v, want_i = kernels.top_k(x_host, k)
-    jax = _jax_gpu()
+    jax = jax_on_gpu()
     if jax is not None:
         import jax.numpy as jnp
         xj = jax.device_put(jnp.asarray(x_host), jax.devices("gpu")[0])
@@ -237,8 +156,8 @@ def baselines(kind: str, x_host: np.ndarray, k: int | None, warmup: int, repeats
         res = cupy.sort(xc, axis=-1)
         agree = bool(np.array_equal(np.nan_to_num(res.get()), np.nan_to_num(want)))
         out.append(("cupy.sort", time_cupy(cupy, lambda: cupy.sort(xc, axis=-1), warmup,
-                                           repeats), agree))
-    torch = _torch_cuda()
+                                                  repeats, timer="cupy cuda events"), agree))
+    torch = torch_cuda()
     if torch is not None:
         xt = torch.as_tensor(x_host, device="cuda")
         if k is None:
@@ -289,11 +208,8 @@ def run(args) -> dict:
     warmup, repeats = args.warmup, args.repeats
     result = {"environment": environment(), "total_elements": total, "records": [],
               "failed_checks": []}
-    bandwidth = copy_bandwidth(stream, total * 4 * 4, warmup, repeats)
+    bandwidth = numba_copy_bandwidth(stream, total * 4 * 4, warmup, repeats)
     result["copy_bandwidth_bytes_per_s"] = bandwidth
-
-    def selected(name):
-        return any(fnmatch.fnmatch(name, pat) for pat in args.only.split(","))
 
     def record(case, impl, timing, elements, min_bytes, agree, **extra):
         seconds = timing["median_ms"] * 1e-3
@@ -301,8 +217,7 @@ def run(args) -> dict:
         if seconds > 0:
             r["elements_per_s"] = elements / seconds
             r["min_bytes"] = min_bytes
-            r["fraction_of_copy_bandwidth"] = (min_bytes / seconds) / bandwidth \
-                if bandwidth == bandwidth else None
+            r["fraction_of_copy_bandwidth"] = bandwidth_fraction(min_bytes, seconds, bandwidth)
         result["records"].append(r)
         if not agree:
             result["failed_checks"].append(f"{case}/{impl}")
@@ -313,7 +228,7 @@ def run(args) -> dict:
     # Segmented sort in rows.
     for n in row_lengths:
         name = f"sort_rows{n}"
-        if not selected(name):
+        if not selected(name, args.only):
             continue
         x = rng.standard_normal((total // n, n)).astype(np.float32)
         dx = cuda.to_device(x, stream=stream)
@@ -328,7 +243,7 @@ def run(args) -> dict:
             record(name, impl, t, x.size, 8 * x.size, ok, shape=list(x.shape))
 
     # Ragged segments.
-    if selected("sort_ragged"):
+    if selected("sort_ragged", args.only):
         offsets = ragged_offsets(total, rng)
         x = rng.standard_normal(total).astype(np.float32)
         dx = cuda.to_device(x, stream=stream)
@@ -347,7 +262,7 @@ def run(args) -> dict:
     dx = cuda.to_device(x, stream=stream)
     for k in top_ks:
         name = f"top_k{k}"
-        if not selected(name):
+        if not selected(name, args.only):
             continue
         values, indices = topk_nb.top_k_rows(dx, k, stream=stream)
         want_v, want_i = kernels.top_k(x, k)
@@ -363,7 +278,7 @@ def run(args) -> dict:
     # Permutation scatter.
     for name, shape in ((f"scatter_rows{topk_row}", (total // topk_row, topk_row)),
                         ("scatter_1row", (1, total))):
-        if not selected(name):
+        if not selected(name, args.only):
             continue
         values = rng.standard_normal(shape).astype(np.float32)
         perm = np.argsort(rng.random(shape), axis=-1).astype(np.int32)
@@ -384,7 +299,7 @@ def run(args) -> dict:
     pav_shapes = ((4, 32), (1, 128)) if args.smoke else ((4096, 1024), (16, 65536))
     for shape in pav_shapes:
         name = f"pav_l2_{shape[0]}x{shape[1]}"
-        if not selected(name):
+        if not selected(name, args.only):
             continue
         if iso_nb is None:
             print(f"{name}: skipped (no sortgrad.kernels.isotonic._numba_cuda)")
@@ -428,10 +343,9 @@ def main(argv=None) -> int:
     result = run(args)
     out = args.out
     if out is None:
-        device = result["environment"]["device"].lower().replace(" ", "-")
-        out = REPO / "perf" / "results" / f"gpu-numba-{device}{'-smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+        device = device_tag(result["environment"]["device"])
+        out = RESULTS / f"gpu-numba-{device}{'-smoke' if args.smoke else ''}.json"
+    write_json(out, result)
     print(f"wrote {out}")
     if result["failed_checks"]:
         print("FAILED checks:", ", ".join(result["failed_checks"]), file=sys.stderr)

@@ -70,8 +70,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as _dt
-import fnmatch
 import gc
 import json
 import math
@@ -82,11 +80,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmark this checkout, also when it is not pip-installed
-    sys.path.insert(0, str(REPO))
-
 import numpy as np
+
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import (RESULTS, device_tag, dist_version, format_shape, git_info,  # noqa: E402
+                     gpu_props, nvidia_smi, parse_shape, selected, tie_group_mean,
+                     timing_stats, utc_now, write_json)
 
 EPS = 1.0
 TOP_KS = (1, 8, 64, 1024)
@@ -113,78 +115,21 @@ TIMER = ("wall clock (time.perf_counter) around batches of calls of a jitted fun
 
 # --- environment ----------------------------------------------------------------------------
 
-def _cmd(*args, timeout=15):
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                             check=False)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _dist_version(name):
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None
-
-
-def _now():
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _gpu_props(platform_name):
-    """Device facts from CuPy (or torch): name, L2 bytes, driver/runtime; {} on the CPU."""
-    props = {}
-    if platform_name != "gpu":
-        return props
-    try:
-        import cupy
-        dev = cupy.cuda.Device()
-        attrs = dev.attributes
-        p = cupy.cuda.runtime.getDeviceProperties(dev.id)
-        name = p["name"]
-        props.update(name=name.decode() if isinstance(name, bytes) else str(name),
-                     compute_capability=f"{p['major']}.{p['minor']}",
-                     multiprocessors=attrs.get("MultiProcessorCount"),
-                     l2_bytes=attrs.get("L2CacheSize"), l2_source="cupy",
-                     total_memory=dev.mem_info[1],
-                     driver_version=cupy.cuda.runtime.driverGetVersion(),
-                     cuda_runtime_version=cupy.cuda.runtime.runtimeGetVersion())
-    except Exception as err:
-        props["cupy_error"] = repr(err)[:300]
-    if not props.get("l2_bytes"):
-        try:
-            import torch
-            if torch.cuda.is_available():
-                tp = torch.cuda.get_device_properties(0)
-                l2 = getattr(tp, "L2_cache_size", None)
-                if l2:
-                    props.update(l2_bytes=int(l2), l2_source="torch")
-                props.setdefault("name", tp.name)
-        except Exception as err:
-            props["torch_error"] = repr(err)[:300]
-    return props
-
-
 def environment(jax, device, sortgrad, gpu_backend_info) -> dict:
-    status = _cmd("git", "status", "--porcelain")
     plat = device.platform
     env = {
-        "git_commit": _cmd("git", "rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        **git_info(),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax_platform": plat,
         "device": getattr(device, "device_kind", str(device)),
         "jax_devices": [str(d) for d in jax.devices()],
-        "gpu": _gpu_props("gpu" if plat in ("gpu", "cuda") else plat),
-        "nvidia_smi": _cmd("nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                           "clocks.max.sm,clocks.sm,temperature.gpu,power.draw",
-                           "--format=csv,noheader") if plat in ("gpu", "cuda") else None,
-        "versions": {name: _dist_version(name) for name in VERSIONS},
+        "gpu": gpu_props("gpu" if plat in ("gpu", "cuda") else plat),
+        "nvidia_smi": (nvidia_smi("name,driver_version,memory.total,clocks.max.sm,clocks.sm,"
+                                  "temperature.gpu,power.draw")
+                       if plat in ("gpu", "cuda") else None),
+        "versions": {name: dist_version(name) for name in VERSIONS},
         "sortgrad": {"path": getattr(sortgrad, "__file__", None),
                      "version": getattr(sortgrad, "__version__", None),
                      "callback_mode": _safe(lambda: sortgrad.get_callback_mode())},
@@ -272,10 +217,9 @@ def time_interleaved(impls, *, rounds, target_s, max_calls, min_calls, case_max_
 
 
 def _stats(samples):
-    a = np.asarray(samples, dtype=np.float64) * 1e6
-    return {"median_us": float(np.median(a)), "p25_us": float(np.percentile(a, 25)),
-            "p75_us": float(np.percentile(a, 75)), "min_us": float(a.min()),
-            "rounds": int(a.size)}
+    """timing_stats in microseconds of per-call seconds (count key "rounds")."""
+    return timing_stats(np.asarray(samples, dtype=np.float64) * 1e6, unit="us",
+                        count_key="rounds")
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -298,19 +242,6 @@ def rel_err(a, b):
     diff = float(np.max(np.abs(a - b)))
     scale = float(np.max(np.abs(b)))
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-
-
-def tie_mean(g, x, rows=32):
-    """g on the first `rows` rows with each entry replaced by its mean over the entries of the
-    row that tie exactly in x (the tie split of a gradient is a convention)."""
-    g = np.asarray(g, np.float64).reshape(-1, np.shape(x)[-1])[:rows]
-    x = np.asarray(x).reshape(-1, np.shape(x)[-1])[:rows]
-    out = np.empty_like(g)
-    for r in range(x.shape[0]):
-        _, inv, counts = np.unique(x[r], return_inverse=True, return_counts=True)
-        out[r] = g[r] if counts.size == x.shape[1] else (
-            np.bincount(inv, weights=g[r], minlength=counts.size) / counts)[inv]
-    return out
 
 
 def soft_invariants(op, reg, pass_, out, x, n) -> dict:
@@ -354,7 +285,7 @@ class Bench:
         self.sg = sortgrad
         self.result = {
             "tool": "perf/bench_jax_gpu.py", "argv": sys.argv[1:], "smoke": bool(args.smoke),
-            "started": _now(), "finished": None, "timer": TIMER,
+            "started": utc_now(), "finished": None, "timer": TIMER,
             "backend_requested": args.backend,
             "environment": environment(jax, self.device, sortgrad, self.gpu_backend),
             "budget_s": args.budget_s, "budget_exhausted": False, "elapsed_s": None,
@@ -445,19 +376,15 @@ class Bench:
         return self.args.budget_s is not None and self.elapsed() > self.args.budget_s
 
     def selected(self, name):
-        return any(fnmatch.fnmatchcase(name, p) for p in self.args.only.split(","))
+        return selected(name, self.args.only)
 
     def save(self):
         self.result["elapsed_s"] = round(self.elapsed(), 2)
-        self.result["finished"] = _now()
+        self.result["finished"] = utc_now()
         self.result["targets"] = self.targets()
         if self.args.out is None:
             return
-        out = Path(self.args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(self.result, indent=1, default=_json_default))
-        tmp.replace(out)
+        write_json(self.args.out, self.result)
 
     def jax_impl(self, name, fn, arg_sets, **kw):
         jax = self.jax
@@ -519,7 +446,7 @@ class Bench:
         for impl in impls:
             st = _stats(impl.samples)
             rec = {"case": case, "op": op, "pass": pass_, "shape": list(shape),
-                   "shape_str": "x".join(map(str, shape)), "elements": elements,
+                   "shape_str": format_shape(shape), "elements": elements,
                    "impl": impl.name, "sortgrad": impl.sortgrad,
                    "gpu_backend": self.args.backend if impl.sortgrad else None,
                    "run_backend": self.args.backend,
@@ -566,7 +493,9 @@ class Bench:
         rot = self.rotation((TINY_N,))
         xs = [(x,) for x in rot["x"]]
         xws = [(x, rot["w"]) for x in rot["x"]]
-        soft = (lambda x: sg.soft_rank(x, regularization_strength=EPS, regularization="l2"))
+
+        def soft(x):
+            return sg.soft_rank(x, regularization_strength=EPS, regularization="l2")
 
         def hard_rank(x):
             return (jnp.argsort(jnp.argsort(x, stable=True), stable=True) + 1).astype(x.dtype)
@@ -741,7 +670,8 @@ class Bench:
                     if not c["agree"]:
                         self.result["failed_checks"].append(f"{case} sortgrad vs host: {c}")
             else:
-                err = rel_err(tie_mean(outs["sortgrad"], x0), tie_mean(outs[host], x0))
+                err = rel_err(tie_group_mean(outs["sortgrad"], x0, rows=32),
+                              tie_group_mean(outs[host], x0, rows=32))
                 c.update(max_rel_err_tie_mean=err, agree=bool(err is not None and err <= 1e-3),
                          check="gradient vs host on 32 rows after tie averaging (recorded)")
             checks[host] = c
@@ -752,7 +682,8 @@ class Bench:
             if add(impl):
                 a, b = outs["sortgrad"], outs[impl.name]
                 err = (rel_err(a, b) if pass_ == "fwd"
-                       else rel_err(tie_mean(a, x0), tie_mean(b, x0)))
+                       else rel_err(tie_group_mean(a, x0, rows=32),
+                                    tie_group_mean(b, x0, rows=32)))
                 checks[impl.name] = {"max_rel_err": err,
                                      "agree": bool(err is not None and err <= 1e-3),
                                      "check": "vs sortgrad rel<=1e-3"
@@ -917,19 +848,6 @@ def print_targets(targets):
         print(f"  {met:>3}  {shown:>10}  [{t['backend']}] {t['target']}{why}")
 
 
-def parse_shape(text):
-    return tuple(int(v) for v in text.lower().split("x"))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
 # --- entry points ---------------------------------------------------------------------------
 
 def build_parser():
@@ -968,9 +886,8 @@ def build_parser():
 
 
 def _default_out(result, backend, smoke):
-    device = str(result["environment"].get("device", "device")).lower()
-    tag = "".join(c if c.isalnum() or c in "._-" else "-" for c in device)
-    return REPO / "perf" / "results" / f"jax-gpu-{tag}-{backend}{'-smoke' if smoke else ''}.json"
+    tag = device_tag(result["environment"].get("device", "device"))
+    return RESULTS / f"jax-gpu-{tag}-{backend}{'-smoke' if smoke else ''}.json"
 
 
 def _record_warnings(bench):
@@ -1086,8 +1003,7 @@ def run_both(args, argv) -> int:
         if merged_out is None and runs and not args.smoke:
             merged_out = str(_default_out(runs[0], "both", False))
         if merged_out:  # after every backend: a later kill keeps the earlier runs
-            Path(merged_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(merged_out).write_text(json.dumps(merged, indent=1, default=_json_default))
+            write_json(merged_out, merged)
         if interrupted:
             break
     if merged_out:

@@ -31,16 +31,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
+import os
 import sys
 import time
 from pathlib import Path
 
+# as in bench_cpu.py: OpenMP workers (Numba's omp threading layer, torch) wait passively
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 PERF = Path(__file__).resolve().parent
-REPO = PERF.parent
-for path in (REPO, PERF):  # this checkout's sortgrad, and bench_cpu's helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import (RESULTS, cpu_environment, host_tag, timing_stats,  # noqa: E402
+                     write_json)
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
@@ -48,8 +52,6 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-
-from bench_cpu import _host_tag, _json_default, environment  # noqa: E402
 
 SIGMA = 0.5
 
@@ -190,10 +192,8 @@ def main(argv=None) -> int:
             gc.collect()
     records = []
     for (name, case), ms in times.items():
-        a = np.asarray(ms)
-        p25, med, p75 = np.percentile(a, [25, 50, 75])
-        records.append({"impl": name, "case": case, "median_ms": med, "iqr_ms": p75 - p25,
-                        "p25_ms": p25, "p75_ms": p75, "min_ms": a.min(), "samples": a.size})
+        records.append({"impl": name, "case": case,
+                        **timing_stats(ms, unit="ms", count_key="samples", iqr=True)})
     by = {(r["impl"], r["case"]): r for r in records}
     for r in records:
         ref = by.get(("topk-batch/sortgrad" if r["impl"].startswith("topk-batch") else
@@ -204,14 +204,13 @@ def main(argv=None) -> int:
         print(f"{r['impl']:>22} {r['case']:>8} {r['median_ms']:10.3f} ms"
               + (f"   sortgrad / this = {ratio:.3f}" if ratio else ""), flush=True)
 
-    result = {"environment": environment(None, None),
+    result = {"environment": cpu_environment(),
               "problem": {"samples": num_samples, "n": n, "k": k, "sigma": SIGMA,
                           "dtype": args.dtype},
               "checks": checks, "failed_checks": failed, "records": records}
-    out = args.out or (PERF / "results" /
-                       f"perturbed-cpu-{_host_tag()}{'-smoke' if args.smoke else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=_json_default))
+    out = args.out or (RESULTS /
+                       f"perturbed-cpu-{host_tag()}{'-smoke' if args.smoke else ''}.json")
+    write_json(out, result)
     print(f"wrote {out}")
     if failed:
         print(f"FAILED checks: {failed}", file=sys.stderr)

@@ -6,7 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parent
+if str(PERF) not in sys.path:  # perf/_common.py, also when this file is not run as a script
+    sys.path.insert(0, str(PERF))
+
+from _common import read_json  # noqa: E402
 
 COLUMNS = [  # (label, pass, baseline impl, header)
     ("soft_rank_l2", "fwd+bwd", "torchsort", "soft_rank L2 f+b"),
@@ -29,14 +36,15 @@ def cell(records, label, pass_, baseline, shape, dtype):
     ours, base = find("sortgrad"), find(baseline)
     if ours is None or base is None:
         return "-"
-    return f"{ours['median_ms']:.2f} / {base['median_ms']:.2f} ({ours['median_ms'] / base['median_ms']:.2f}x)"
+    a, b = ours["median_ms"], base["median_ms"]
+    return f"{a:.2f} / {b:.2f} ({a / b:.2f}x)"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
     args = parser.parse_args(argv)
-    result = json.load(open(args.json))
+    result = read_json(args.json)
     records = result["records"]
     shapes = list(dict.fromkeys(r["shape_str"] for r in records if r["label"] != "overhead"))
     dtypes = list(dict.fromkeys(r["dtype"] for r in records if r["label"] != "overhead"))
@@ -48,8 +56,9 @@ def main(argv=None) -> None:
             print(f"| {shape} | {dtype} | " + " | ".join(cells) + " |")
     over = {r["impl"]: r["median_us"] for r in records if r["label"] == "overhead"}
     if over:
-        print(f"\nPer-call cost on 8 elements (jit, median): sortgrad.sort {over.get('sortgrad.sort', 0):.1f} us, "
-              f"jnp.sort {over.get('jnp.sort', 0):.1f} us, jit(x + 1) {over.get('jit(x+1)', 0):.1f} us.")
+        print(f"\nPer-call cost on 8 elements (jit, median): sortgrad.sort "
+              f"{over.get('sortgrad.sort', 0):.1f} us, jnp.sort {over.get('jnp.sort', 0):.1f} us, "
+              f"jit(x + 1) {over.get('jit(x+1)', 0):.1f} us.")
 
 
 if __name__ == "__main__":
