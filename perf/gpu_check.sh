@@ -563,6 +563,18 @@ for pkg in $(ls -d sortgrad/kernels/*/ | xargs -n1 basename); do
     > "$W/prewarm_cpu_$pkg.log" 2>&1 &
   pids+=($!)
 done
+# The benchmark peers the machine lacks, carried in perf/peers (SHA256SUMS): OTT-JAX and jaxopt
+# (wheels) and torchsort (its sdist, built here against the machine's torch with nvcc, sm_90
+# only), installed into $W/peers in the background; phase 4 puts them on PYTHONPATH.
+PEERS="$W/peers"
+( cd perf/peers && sha256sum -c --quiet SHA256SUMS ) > "$W/peers.log" 2>&1 && \
+  ( timeout -k 5 60 $PY -m pip install --no-index --no-deps --target "$PEERS" \
+      perf/peers/*.whl >> "$W/peers.log" 2>&1; w=$?
+    TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=4 timeout -k 5 150 $PY -m pip install --no-index \
+      --no-deps --no-build-isolation --target "$PEERS/torchsort" perf/peers/torchsort-*.tar.gz \
+      >> "$W/peers.log" 2>&1
+    echo "peers: wheels exit $w, torchsort build exit $?" >> "$W/peers.log" ) &
+peers_pid=$!
 wait $probe_pid; rc=$?
 wait $collect_pid
 [ -s "$OUT/env.json" ] || echo "{\"error\": \"env probe failed (exit $rc)\"}" > "$OUT/env.json"
@@ -669,6 +681,9 @@ say "phase 3 done ($(( $(date +%s) - t0 )) s)"
 
 # ------------------------------------------------------------------------------ phase 4 ---
 unset XLA_PYTHON_CLIENT_PREALLOCATE   # alone on the GPU now: JAX's default allocator
+wait $peers_pid 2>/dev/null
+say "$(tail -1 "$W/peers.log")"
+[ -d "$PEERS" ] && export PYTHONPATH="$PYTHONPATH:$PEERS:$PEERS/torchsort"
 L4=$(( $(left) - 15 ))
 TJ=$(( L4 * 60 / 100 )); TC=$(( L4 * 25 / 100 )); TN=$(( L4 - TJ - TC ))
 say "phase 4: benchmarks alone on the GPU (${L4} s: jax ${TJ}, cupy ${TC}, numba ${TN})"
@@ -722,7 +737,7 @@ done | head -c 8000000 > "$OUT/tests.log"
     [ -f "$f" ] || continue
     echo "######## $(basename "$f") (tail)"; tail -c 20000 "$f"; done; } \
   | head -c 4000000 > "$OUT/sanitizer.log"
-{ echo "######## prewarm"; cat "$W/prewarm.log"
+{ echo "######## peers"; tail -c 3000 "$W/peers.log"; echo "######## prewarm"; cat "$W/prewarm.log"
   for b in jax cupy numba; do
     echo "######## bench_$b"; [ -f "$W/bench_$b.log" ] && tail -c 200000 "$W/bench_$b.log"
   done; } | head -c 4000000 > "$OUT/bench.log"
