@@ -26,7 +26,7 @@ import jax
 import pytest
 from _backends import LOWERED, SPECS, _unavailable
 
-from sortgrad.bindings.jax import _call
+from sortgrad.bindings.jax import _call, _device
 
 ROUTES = ("default", "gpu", "cupy-emulated", "numba-simulator")
 _MARKS = {"gpu": (pytest.mark.gpu,), "numba-simulator": (pytest.mark.cudasim,)}
@@ -64,6 +64,8 @@ def route(request, monkeypatch):
     if reason:
         pytest.skip(reason)
     from _emulation import jax_device
+    # every pass's scratch must fit the measured XLA output (no memory from a pool)
+    monkeypatch.setattr(_device, "warn_once", _fail_on_warning)
     if name == "cupy-emulated":
         platform = jax_device.EmulatedCupy(request.getfixturevalue("cuda_emulator"))
     else:
@@ -71,6 +73,10 @@ def route(request, monkeypatch):
         platform = jax_device.SimulatedNumba()
     with _call.emulate_device(platform):
         yield name
+
+
+def _fail_on_warning(key, message):
+    raise AssertionError(f"the GPU branch warned: {message}")
 
 
 def simulator_case(route: str, condition: bool) -> None:

@@ -3,7 +3,8 @@
 Under `jax.enable_x64(False)` a user's arrays are float32/int32 and Python scalars are weakly
 typed; the ops must keep those dtypes, give the float32 results of the x64 run (computed here
 on the same float32 data with x64 on, an independent path through JAX's own dtype rules) and
-differentiate under jit, vmap and grad in both callback modes.
+differentiate under jit, vmap and grad in both callback modes and on every route (the GPU
+branch on the emulated devices too).
 """
 
 import jax
@@ -56,7 +57,7 @@ def mode(request):
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_values_and_dtypes_match_the_x64_run(name, mode):
+def test_values_and_dtypes_match_the_x64_run(route, name, mode):
     op, _ = OPS[name]
     x = _data()
     want = _in_x64(lambda v: op(jnp.asarray(v, jnp.float32)), x)
@@ -71,7 +72,7 @@ def test_values_and_dtypes_match_the_x64_run(name, mode):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, (_, d) in OPS.items() if d))
-def test_gradients_match_the_x64_run(name, mode):
+def test_gradients_match_the_x64_run(route, name, mode):
     op, _ = OPS[name]
     x = _data(1)
     weights = np.random.default_rng(2).standard_normal(
