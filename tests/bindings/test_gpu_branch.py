@@ -165,3 +165,31 @@ def test_gpu_buffers_must_be_row_major():
     assert _device._cuda_ptr(_FakeDeviceBuffer((2, 1, 3), (12, 99, 4))) == 1234  # size-1 dim
     with pytest.raises(ValueError, match="row-major"):
         _device._cuda_ptr(_FakeDeviceBuffer((2, 3), (4, 8)))
+
+
+def test_modes_belong_to_the_thread_that_traces():
+    """One thread's callback mode / GPU backend never leaks into what another thread traces
+    (they were process-wide: issue 16)."""
+    import threading
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        with sortgrad.callback_mode("pure"), sortgrad.gpu_backend("numba"):
+            inside.set()
+            done.wait(30)
+            seen["other"] = (sortgrad.get_callback_mode(), sortgrad.get_gpu_backend())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert inside.wait(30)
+    x = jnp.arange(6.0)
+    try:
+        assert sortgrad.get_callback_mode() == "buffer" and sortgrad.get_gpu_backend() is None
+        targets = callback_targets(lambda v: sortgrad.sort(v), x)
+        assert targets == {CPU_CALLBACK_TARGETS["buffer"]}, targets
+    finally:
+        done.set()
+        thread.join(30)
+    assert seen["other"] == ("pure", "numba")
+    assert sortgrad.get_callback_mode() == "buffer" and sortgrad.get_gpu_backend() is None

@@ -22,7 +22,9 @@ Callback modes:
 - "pure": `jax.pure_callback`, the portable path (JAX copies arguments and results to the host).
 Choose with `set_callback_mode`, the `callback_mode` context manager, or the environment
 variable SORTGRAD_CALLBACK=pure|buffer. The mode is read when a function is traced: a jitted
-function keeps the mode it was compiled with.
+function keeps the mode it was compiled with. The mode (like the GPU backend choice) belongs to
+the thread / async context (`contextvars`): one thread's setting never changes what another
+traces.
 
 All callbacks use vmap_method="broadcast_all": under vmap a pass gets the whole batch in one
 call, every argument with the full batch dims (XLA broadcasts unbatched ones). Inputs are
@@ -32,6 +34,7 @@ never written.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 
@@ -43,35 +46,37 @@ from ... import kernels
 from . import _device
 
 MODES = ("buffer", "pure")
-_mode = os.environ.get("SORTGRAD_CALLBACK", "buffer")
-if _mode not in MODES:
-    raise ValueError(f"SORTGRAD_CALLBACK must be one of {MODES}, got {_mode!r}")
+_DEFAULT_MODE = os.environ.get("SORTGRAD_CALLBACK", "buffer")
+if _DEFAULT_MODE not in MODES:
+    raise ValueError(f"SORTGRAD_CALLBACK must be one of {MODES}, got {_DEFAULT_MODE!r}")
+# Per thread / async context: one thread's mode never changes what another thread traces.
+_mode = contextvars.ContextVar("sortgrad_callback_mode", default=_DEFAULT_MODE)
+_emulated = contextvars.ContextVar("sortgrad_emulated_device", default=None)
 
 
 def set_callback_mode(mode: str) -> None:
-    """Selects how the ops call their kernels: "buffer" (default) or "pure" (portable)."""
-    global _mode
+    """Selects how the ops traced from now on in this thread (context) call their kernels:
+    "buffer" (default) or "pure" (portable). Other threads keep theirs (new threads start
+    from SORTGRAD_CALLBACK, else "buffer")."""
     if mode not in MODES:
         raise ValueError(f"callback mode must be one of {MODES}, got {mode!r}")
-    _mode = mode
+    _mode.set(mode)
 
 
 def get_callback_mode() -> str:
-    return _mode
+    return _mode.get()
 
 
 @contextlib.contextmanager
 def callback_mode(mode: str):
-    """Context manager: functions traced inside use `mode`."""
-    previous = get_callback_mode()
-    set_callback_mode(mode)
+    """Context manager: functions traced inside (in this thread / context) use `mode`."""
+    if mode not in MODES:
+        raise ValueError(f"callback mode must be one of {MODES}, got {mode!r}")
+    token = _mode.set(mode)
     try:
         yield
     finally:
-        set_callback_mode(previous)
-
-
-_emulated = None  # a device platform standing in for the GPU (tests); None: none
+        _mode.reset(token)
 
 
 @contextlib.contextmanager
@@ -79,19 +84,17 @@ def emulate_device(platform):
     """Context manager for tests: functions traced inside run their buffer-mode passes through
     the GPU branch on `platform` (an emulated device platform, see `_device.py`) whatever the
     platform XLA lowers for. None: no emulation."""
-    global _emulated
-    previous = _emulated
-    _emulated = platform
+    token = _emulated.set(platform)
     try:
         yield
     finally:
-        _emulated = previous
+        _emulated.reset(token)
 
 
 def current_route() -> tuple:
     """What decides how passes traced now run: (callback mode, GPU backend choice, emulated
     device). Hashable: part of the key of every cached compiled program."""
-    return (_mode, _device.get_gpu_backend(), _emulated)
+    return (_mode.get(), _device.get_gpu_backend(), _emulated.get())
 
 
 @contextlib.contextmanager
@@ -207,9 +210,9 @@ def device_dependent(host_fn, device_fn, *args):
     """host_fn(*args) where the passes run on the host (XLA on the CPU, the pure mode),
     device_fn(*args) where they run on a device (a GPU, or an emulated device in the tests).
     For the few ops whose device passes need other inputs (bfloat16 keys)."""
-    if _mode == "pure":
+    if _mode.get() == "pure":
         return host_fn(*args)
-    if _emulated is not None:
+    if _emulated.get() is not None:
         return device_fn(*args)
     return jax.lax.platform_dependent(*args, cpu=host_fn, default=device_fn)
 
@@ -219,10 +222,11 @@ def kernel_call(kernel_fn, result_specs, *args):
     (ShapeDtypeStructs): a tuple of arrays. `kernel_fn` must be hashable and stable across
     traces (module-level, or from a cached factory): GPU scratch sizes are cached per pass."""
     result_specs = tuple(result_specs)
-    if _mode == "pure":
+    if _mode.get() == "pure":
         return _pure_call(kernel_fn, result_specs, args)
-    if _emulated is not None:
-        return _gpu_call(kernel_fn, result_specs, args, _emulated)
+    emulated = _emulated.get()
+    if emulated is not None:
+        return _gpu_call(kernel_fn, result_specs, args, emulated)
     return tuple(jax.lax.platform_dependent(
         *args,
         cpu=lambda *a: _host_call(kernel_fn, result_specs, a),

@@ -15,13 +15,15 @@ A *device platform* is what a callback pass needs to run the kernel API on XLA's
 
 Backend choice: CuPy by default; Numba CUDA on request -- `set_gpu_backend("numba")`, the
 `gpu_backend(...)` context manager or SORTGRAD_GPU_BACKEND=numba (read when a function is
-traced). With the default and no CuPy, one warning names the pip extra and the ops take the
-host path; an explicitly chosen backend that is missing raises ImportError naming the extra.
+traced; per thread / async context). With the default and no CuPy, one warning names the pip
+extra and the ops take the host path; an explicitly chosen backend that is missing raises
+ImportError naming the extra.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -38,33 +40,38 @@ NO_DEVICE_KEYS = ("bfloat16",)
 NUMBA_EXTRA = "pip install numba-cuda (or sortgrad[cuda12] / sortgrad[cuda13])"
 _DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
 
-_choice = os.environ.get("SORTGRAD_GPU_BACKEND") or None
-if _choice not in (None, *GPU_BACKENDS):
-    raise ValueError(f"SORTGRAD_GPU_BACKEND must be one of {GPU_BACKENDS}, got {_choice!r}")
+_DEFAULT_CHOICE = os.environ.get("SORTGRAD_GPU_BACKEND") or None
+if _DEFAULT_CHOICE not in (None, *GPU_BACKENDS):
+    raise ValueError(f"SORTGRAD_GPU_BACKEND must be one of {GPU_BACKENDS}, got "
+                     f"{_DEFAULT_CHOICE!r}")
+_choice = contextvars.ContextVar("sortgrad_gpu_backend", default=_DEFAULT_CHOICE)
+
+
+def _checked(name):
+    if name not in (None, *GPU_BACKENDS):
+        raise ValueError(f"gpu backend must be None or one of {GPU_BACKENDS}, got {name!r}")
+    return name
 
 
 def set_gpu_backend(name: str | None) -> None:
-    """The kernel backend JAX ops use on GPU buffers: "cupy" (the default), "numba", or None
-    (the default: CuPy, or the host path with one warning where CuPy is missing)."""
-    global _choice
-    if name not in (None, *GPU_BACKENDS):
-        raise ValueError(f"gpu backend must be None or one of {GPU_BACKENDS}, got {name!r}")
-    _choice = name
+    """The kernel backend JAX ops traced from now on in this thread (context) use on GPU
+    buffers: "cupy", "numba", or None (the default: CuPy, or the host path with one warning
+    where CuPy is missing)."""
+    _choice.set(_checked(name))
 
 
 def get_gpu_backend() -> str | None:
-    return _choice
+    return _choice.get()
 
 
 @contextlib.contextmanager
 def gpu_backend(name: str | None):
-    """Context manager: functions traced inside run their GPU passes on `name`."""
-    previous = get_gpu_backend()
-    set_gpu_backend(name)
+    """Context manager: functions traced inside (this thread / context) use `name`."""
+    token = _choice.set(_checked(name))
     try:
         yield
     finally:
-        set_gpu_backend(previous)
+        _choice.reset(token)
 
 
 def _cuda_ptr(buffer) -> int:
@@ -203,12 +210,13 @@ def gpu_platform():
     once). An explicitly chosen backend that cannot run raises ImportError."""
     if not _jax_has_gpu():
         return None
-    name = _choice or "cupy"
+    choice = _choice.get()
+    name = choice or "cupy"
     platform = PLATFORMS[name]
     reason = platform.unavailable()
     if reason is None:
         return platform
-    if _choice is not None:
+    if choice is not None:
         extra = GPU_EXTRA if name == "cupy" else NUMBA_EXTRA
         raise ImportError(f"sortgrad gpu backend {name!r} cannot run: {reason} ({extra})")
     warn_once(("no-cupy", reason),
