@@ -321,3 +321,11 @@ def test_callback_mode_rejects_unknown():
             with sortgrad.callback_mode(bad):
                 pass
     assert sortgrad.get_callback_mode() == before
+
+
+def test_export_serialization_is_refused_as_documented():
+    """README: programs with sortgrad ops are not serializable (host callbacks)."""
+    from jax import export
+    with pytest.raises(NotImplementedError, match="host_callbacks"):
+        export.export(jax.jit(lambda v: sortgrad.sort(v)))(
+            jax.ShapeDtypeStruct((4,), jnp.float32)).serialize()

@@ -208,17 +208,26 @@ def soft_quantile(x, q, *, axis: int = -1, regularization_strength: float = 1.0,
     gets a leading axis of len(q), as `jnp.quantile`). The row must not be empty.
     """
     quantiles = check_quantiles(q)
+    eps = check_strength(regularization_strength)
+    reg = check_regularization(regularization)
     x, axis = array_and_axis(x, axis)
-    n = x.shape[axis]
-    if n == 0:
+    if x.shape[axis] == 0:
         raise ValueError("soft_quantile needs at least one element along axis")
-    ordered = jnp.moveaxis(soft_sort(x, axis=axis, regularization_strength=regularization_strength,
-                                     regularization=regularization), axis, -1)
+    compute_dtype(x)
+    return staged_call(_quantile_impl, x, axis, eps, reg, quantiles)
+
+
+def _quantile_impl(x, axis, eps, regularization, quantiles):
+    """The soft sort and the interpolation in the compute dtype (float32 for 16-bit input),
+    rounded to x's dtype once."""
+    n = x.shape[axis]
+    ordered = _soft_sort_last(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), eps,
+                              regularization, False)
     pos = np.asarray(quantiles, dtype=np.float64) * (n - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
     frac = (pos - lo).astype(ordered.dtype)
-    out = ordered[..., lo] * (1 - frac) + ordered[..., hi] * frac
+    out = (ordered[..., lo] * (1 - frac) + ordered[..., hi] * frac).astype(x.dtype)
     return out if np.ndim(pos) == 0 else jnp.moveaxis(out, -1, 0)
 
 
