@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 
-import jax
 import pytest
 from _backends import LOWERED, SPECS, _unavailable
 
@@ -40,20 +39,13 @@ def _lower_every_op(monkeypatch) -> None:
                 monkeypatch.setattr(target, name, value)
 
 
-def _jax_has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.fixture(params=[pytest.param(r, marks=_MARKS.get(r, ()), id=r) for r in ROUTES])
 def route(request, monkeypatch):
     name = request.param
     if name != "default" and "mode" in request.fixturenames and \
             request.getfixturevalue("mode") == "pure":
         pytest.skip("the pure callback mode does not take the GPU branch")
-    if name == "gpu" and not _jax_has_gpu():
+    if name == "gpu" and not _device._jax_has_gpu():
         pytest.skip("JAX has no GPU here")
     if name in ("default", "gpu"):
         yield name
