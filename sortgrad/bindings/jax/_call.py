@@ -17,8 +17,9 @@ Callback modes:
     nothing is copied to the host. Scratch memory is one extra uint8 output of the callback
     (XLA allocates it; JAX preallocates most of the GPU, so CuPy's pool is not used): its size
     is measured once per pass signature at trace time (`_scratch_bytes`) and the kernels'
-    allocations are carved from it (`sortgrad.kernels.use_scratch`). Passes on dtypes
-    without device keys (bfloat16) take the host path. See `_device.py` for the backend choice.
+    allocations are carved from it (`sortgrad.kernels.use_scratch`). The device kernels have
+    no bfloat16 arrays: the ops hand them float32 keys (`device_dependent`, `hard._keyed`), and
+    a pass that still holds bfloat16 takes the host path. `_device.py`: the backend choice.
 - "pure": `jax.pure_callback`, the portable path (JAX copies arguments and results to the host).
 Choose with `set_callback_mode`, the `callback_mode` context manager, or the environment
 variable SORTGRAD_CALLBACK=pure|buffer. The mode is read when a function is traced: a jitted
