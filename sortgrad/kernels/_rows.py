@@ -10,6 +10,11 @@ row (the kernels' prange runs over the rows of their first argument: one row is 
 inputs. A kernel that splits its work otherwise calls `.parallel` itself. Both are cached on
 disk (the serial one under its own name, so the two never share a cache entry);
 `_jit_cache.ensure_fresh` keeps that cache from serving code older than the sources.
+
+Fork safety: Numba's threaded kernels run on GNU OpenMP where that is the threading layer, and
+GNU OpenMP cannot run in a process forked from one that used it (the child aborts; a
+`multiprocessing` fork pool then waits forever). A forked child therefore runs every kernel
+serially and starts a fresh thread pool (the parent's threads do not exist there).
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ def num_threads() -> int:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_FORKED = False  # this process is a child forked from one that may have used the threaded kernels
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED, _POOL
+    _FORKED = True
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -74,11 +89,16 @@ def row_parallel(fn):
     @functools.wraps(fn)
     def call(*args):
         first = args[0]
-        if first.size >= PARALLEL_MIN_ELEMENTS and not (first.ndim == 2 and first.shape[0] == 1):
+        if (first.size >= PARALLEL_MIN_ELEMENTS and not (first.ndim == 2 and first.shape[0] == 1)
+                and not _FORKED):
             return parallel(*args)
         return serial(*args)
 
-    call.parallel = parallel
+    def threaded(*args):
+        """The threaded kernel (serial in a forked child)."""
+        return (serial if _FORKED else parallel)(*args)
+
+    call.parallel = threaded
     call.serial = serial
     return call
 
