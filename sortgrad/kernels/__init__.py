@@ -10,18 +10,19 @@ segmented_sort, segmented_argsort, top_k, inverse_permutation, permutation_scatt
 isotonic_regression(_vjp), soft_rank(_vjp), soft_sort(_vjp), soft_top_k_mask(_vjp); plus the
 device scratch policy of the calling thread (`_cuda/workspace.py`): `use_scratch(buffer)` (the
 device backends carve their outputs and scratch from a given 1-D uint8 device buffer) and
-`measure_scratch()` (count what they allocate), and `GPU_EXTRA` (the pip extras to name).
+`measure_scratch()` (count what they allocate), `device_unavailable(backend)` (why a device
+backend cannot run here, or None) and `GPU_EXTRA` (the pip extras to name).
 """
 
 import importlib as _importlib
 
-from ._backends import GPU_EXTRA
+from ._backends import GPU_EXTRA, device_unavailable
 from ._backends import OPS as _OPS
 from ._cuda.workspace import measuring as measure_scratch
 from ._cuda.workspace import use as use_scratch
 from ._jit_cache import ensure_fresh as _ensure_fresh
 
-__all__ = ["use_scratch", "measure_scratch", "GPU_EXTRA"]
+__all__ = ["use_scratch", "measure_scratch", "GPU_EXTRA", "device_unavailable"]
 for _op in _OPS:
     _package = _importlib.import_module(f".{_op}", __name__)
     for _name in _package.__all__:

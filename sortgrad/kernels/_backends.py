@@ -130,6 +130,15 @@ def require_device(backend: str) -> None:
     _READY.add(backend)
 
 
+def device_unavailable(backend: str) -> str | None:
+    """Why the device backend cannot run here (the message `require_device` raises), or None."""
+    try:
+        require_device(backend)
+    except (ImportError, RuntimeError) as err:
+        return str(err)
+    return None
+
+
 def _check_device(backend: str) -> None:
     if backend == "cupy":
         try:

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from ...kernels import GPU_EXTRA
+from ...kernels import GPU_EXTRA, device_unavailable
 
 GPU_BACKENDS = ("cupy", "numba")
 # dtypes the device kernels have no keys for (yet): passes touching them run on the host
@@ -101,15 +101,7 @@ class CupyPlatform:
     backend = "cupy"
 
     def unavailable(self) -> str | None:
-        try:
-            import cupy
-        except ImportError:
-            return f"CuPy is not installed ({GPU_EXTRA})"
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-        except Exception:  # noqa: BLE001 - CuPy raises its own CUDARuntimeError without a driver
-            count = 0
-        return None if count else "CuPy finds no CUDA device"
+        return device_unavailable("cupy")
 
     def wrap(self, buffer):
         import cupy
@@ -143,14 +135,7 @@ class NumbaPlatform:
     backend = "numba"
 
     def unavailable(self) -> str | None:
-        try:
-            from numba import cuda
-        except ImportError:
-            return f"Numba's CUDA target is missing ({NUMBA_EXTRA})"
-        try:
-            return None if cuda.is_available() else "Numba finds no CUDA device"
-        except Exception as err:  # noqa: BLE001 - a broken driver setup
-            return f"Numba's CUDA target cannot start: {err}"
+        return device_unavailable("numba")
 
     def wrap(self, buffer):
         from numba import cuda
