@@ -596,12 +596,64 @@ def _bad_calls():
         bad.append((ValueError, lambda x, k=k: sortgrad.soft_top_k_mask(x, k)))
         bad.append((ValueError, lambda x, k=k: sortgrad.soft_top_k_mask(x.T, k, axis=0)))
     bad.append((ValueError, lambda x: sortgrad.soft_top_k_mask(x, 3, axis=0)))  # n = 2 there
-    for dtype in [jnp.int32, jnp.int64, jnp.uint8, jnp.bool_]:
+    for dtype in [jnp.complex64, jnp.complex128]:
         bad += [(TypeError, lambda x, d=dtype: sortgrad.soft_sort(x.astype(d))),
                 (TypeError, lambda x, d=dtype: sortgrad.soft_rank(x.astype(d))),
                 (TypeError, lambda x, d=dtype: sortgrad.soft_top_k_mask(x.astype(d), 2)),
                 (TypeError, lambda x, d=dtype: sortgrad.soft_quantile(x.astype(d), 0.5))]
+    bad.append((TypeError, lambda x: sortgrad.soft_quantile(x, jnp.ones((2, 2)) / 2)))
     return bad
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.int64, jnp.uint8, jnp.bool_])
+def test_integer_input_is_promoted_as_jnp_quantile(dtype):
+    x = jnp.asarray(np.array([[3, 1, 2, 2, 0], [1, 0, 1, 1, 0]]), dtype)
+    promoted = jnp.quantile(x, 0.5).dtype
+    for op in (sortgrad.soft_sort, sortgrad.soft_rank,
+               lambda v: sortgrad.soft_top_k_mask(v, 2),
+               lambda v: sortgrad.soft_quantile(v, (0.3, 0.5))):
+        out = op(x)
+        assert out.dtype == promoted
+        np.testing.assert_array_equal(out, op(x.astype(promoted)))
+
+
+def test_axis_none_flattens():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)))
+    for op in (sortgrad.soft_sort, sortgrad.soft_rank, lambda v, **a: sortgrad.soft_top_k_mask(
+            v, 3, **a)):
+        np.testing.assert_array_equal(op(x, axis=None), op(x.ravel()))
+    np.testing.assert_array_equal(sortgrad.soft_quantile(x, 0.4, axis=None),
+                                  sortgrad.soft_quantile(x.ravel(), 0.4))
+
+
+@pytest.mark.parametrize("q", [0.0, 0.37, 1.0, (0.1, 0.5, 0.9)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_traced_q_and_keepdims_match_jnp_quantile_in_the_hard_limit(q, axis):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 7)))
+    eps = 1e-4  # the soft sort is the sort (up to rounding of rho / eps)
+    q_array = jnp.asarray(q, jnp.float64)
+    for keepdims in (False, True):
+        expected = jnp.quantile(x, q_array, axis=axis, keepdims=keepdims)
+        static = sortgrad.soft_quantile(x, q, axis=axis, regularization_strength=eps,
+                                        keepdims=keepdims)
+        traced = jax.jit(lambda v, t: sortgrad.soft_quantile(
+            v, t, axis=axis, regularization_strength=eps, keepdims=keepdims))(x, q_array)
+        assert static.shape == traced.shape == expected.shape
+        np.testing.assert_allclose(static, expected, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(traced, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_traced_q_gradient_and_out_of_range_as_jnp():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal(9))
+    f = lambda t: sortgrad.soft_quantile(x, t, regularization_strength=0.5)  # noqa: E731
+    check_grads(f, (jnp.asarray(0.43),), order=1, modes=("fwd", "rev"))
+    hard = lambda t: sortgrad.soft_quantile(x, t, regularization_strength=1e-4)  # noqa: E731
+    q = jnp.asarray([-0.5, 1.5, jnp.nan])
+    np.testing.assert_allclose(hard(q), jnp.quantile(x, q), rtol=1e-10)
+    grads = jax.vmap(jax.grad(hard))(jnp.asarray([0.2, 0.6]))
+    order = np.sort(np.asarray(x))
+    np.testing.assert_allclose(grads, [(order[2] - order[1]) * 8, (order[5] - order[4]) * 8],
+                               rtol=1e-9)
 
 
 BAD_CALLS = _bad_calls()

@@ -10,8 +10,9 @@ import numpy as np
 
 from ... import kernels
 from ..._validate import check_k, check_key_dtype, is_float_dtype
-from ._args import array_and_axis
+from ._args import array_and_axis, as_jax_array
 from ._call import device_dependent, kernel_call, staged_call
+from ._linear import LinearOp, apply_linear
 
 __all__ = ["sort", "argsort", "top_k"]
 
@@ -59,6 +60,25 @@ def _scatter(g, perm, n: int):
     return dx
 
 
+def _gather(perm, dx):
+    """The tangent of sorted / top-k values: dx at the positions they came from."""
+    return (jnp.take_along_axis(dx, perm, axis=-1),)
+
+
+@lru_cache(maxsize=None)
+def _gather_op(n: int) -> LinearOp:
+    """dx -> dx[..., perm] (a gather); transpose: the inverse-permutation scatter kernel."""
+    return LinearOp(f"gather_{n}", _gather, lambda perm, g: (_scatter(g, perm, n),))
+
+
+def _gathered_tangent(perm, dx):
+    return apply_linear(_gather_op(dx.shape[-1]), (perm,), (dx,))[0]
+
+
+def _int_tangent(a):
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
 # --- differentiable cores on the last axis ---------------------------------------------------
 
 def _keyed(call, x, *static):
@@ -84,26 +104,18 @@ def _sort_call_of(x, descending):
                        [_spec(x.shape, x.dtype), _spec(x.shape, np.int32)], x)
 
 
-def _sort_values_call(x, descending):
-    """The sorted values only (the primal without a gradient; the perm output is dropped)."""
-    return _sort_call(x, descending)[0]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _sort_last(x, descending):
-    return _sort_values_call(x, descending)
+    """(values, perm). Tangent: the gather of dx by perm; its transpose (reverse mode) is the
+    scatter kernel. The rule calls `_sort_last` itself for the primal, so every order of
+    differentiation runs the one forward callback."""
+    return tuple(_sort_call(x, descending))
 
 
-def _sort_last_fwd(x, descending):
-    values, perm = _sort_call(x, descending)
-    return values, perm
-
-
-def _sort_last_bwd(descending, perm, g):
-    return (_scatter(g, perm, g.shape[-1]),)
-
-
-_sort_last.defvjp(_sort_last_fwd, _sort_last_bwd)
+@_sort_last.defjvp
+def _sort_last_jvp(descending, primals, tangents):
+    values, perm = _sort_last(primals[0], descending)
+    return (values, perm), (_gathered_tangent(perm, tangents[0]), _int_tangent(perm))
 
 
 def _top_k_call(x, k):
@@ -115,48 +127,57 @@ def _top_k_call_of(x, k):
     return kernel_call(_top_k_kernel(k), [_spec(shape, x.dtype), _spec(shape, np.int32)], x)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _top_k_last(x, k, n):
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _top_k_last(x, k):
+    """(values, indices); tangent dx[indices], transposed by the scatter-add kernel."""
     return tuple(_top_k_call(x, k))
 
 
-def _top_k_last_fwd(x, k, n):
-    values, indices = _top_k_call(x, k)
-    return (values, indices), indices
-
-
-def _top_k_last_bwd(k, n, indices, cotangents):
-    return (_scatter(cotangents[0], indices, n),)
-
-
-_top_k_last.defvjp(_top_k_last_fwd, _top_k_last_bwd)
+@_top_k_last.defjvp
+def _top_k_last_jvp(k, primals, tangents):
+    values, indices = _top_k_last(primals[0], k)
+    return (values, indices), (_gathered_tangent(indices, tangents[0]), _int_tangent(indices))
 
 
 # --- public ops -------------------------------------------------------------------------------
 
 def _prepare(x, axis):
+    """(x, axis) checked; axis=None flattens x (as jnp.sort) and sorts axis 0."""
+    if axis is None:
+        x = jnp.ravel(as_jax_array(x))
+        axis = 0
     x, axis = array_and_axis(x, axis)
-    check_key_dtype(x.dtype)
+    if not jnp.iscomplexobj(x):
+        check_key_dtype(x.dtype)
     return x, axis
 
 
-def sort(x, *, axis: int = -1, descending: bool = False):
+def _complex(name):
+    from . import multisort  # built on argsort: imported when first needed
+    return getattr(multisort, name)
+
+
+def sort(x, *, axis: int | None = -1, descending: bool = False):
     """Sorts `x` along `axis`; the values, tie order and NaN placement of `jnp.sort`.
 
     Args:
-      x: array (any leading dims), float16/bfloat16/float32/float64, integer or bool.
-      axis: the axis to sort (static).
+      x: array (any leading dims), float16/bfloat16/float32/float64, integer, bool, or
+        complex (sorted lexicographically by real, then imaginary part, as `jnp.sort`).
+      axis: the axis to sort (static); None sorts the flattened array (as `jnp.sort`).
       descending: largest first (static). As `jnp.sort`, this is the ascending sort reversed.
 
     Returns: the sorted array, x's shape and dtype, values with their exact bits. -0.0, +0.0
       and subnormals compare equal (stable; float16 subnormals excepted, as in XLA); NaNs are
       last ascending, first descending.
 
-    Gradient (floating x): exact -- the cotangent of output i goes to the position its value
-    came from (the same as JAX's own gradient of jnp.sort). Integer x has no gradient.
-    Works under jit, grad, vmap, jacrev.
+    Derivatives (floating or complex x): exact -- the cotangent of output i goes to the
+    position its value came from, the tangent is gathered from there (as JAX's own rules for
+    jnp.sort); second derivatives are zero. Integer x has no gradient.
+    Works under jit, vmap, grad, jvp, jacfwd, jacrev, hessian.
     """
     x, axis = _prepare(x, axis)
+    if jnp.iscomplexobj(x):
+        return _complex("complex_sort")(x, axis=axis, descending=descending)
     return staged_call(_sort_impl, x, axis, bool(descending))
 
 
@@ -165,21 +186,29 @@ def _sort_impl(x, axis, descending):
         return x
     xl = jnp.moveaxis(x, axis, -1)
     if is_float_dtype(x.dtype):
-        out = _sort_last(xl, descending)
+        out = _sort_last(xl, descending)[0]
     else:
-        out = _sort_values_call(jax.lax.stop_gradient(xl), descending)
+        out = _sort_call(jax.lax.stop_gradient(xl), descending)[0]
     return jnp.moveaxis(out, -1, axis)
 
 
-def argsort(x, *, axis: int = -1, descending: bool = False):
-    """Indices that sort `x` along `axis`, int32; as `jnp.argsort(x, stable=True, ...)`.
+def argsort(x, *, axis: int | None = -1, descending: bool = False, dtype=None):
+    """Indices that sort `x` along `axis`; as `jnp.argsort(x, stable=True, ...)`.
 
     Stable in both directions (equal keys keep their original order, also when descending);
     -0.0 == +0.0 == subnormals (not float16's); NaNs last ascending, first descending.
-    Integer output: no gradient.
+    Complex keys are ordered as `jnp.argsort` orders them (real part, then imaginary).
+    axis=None: indices into the flattened array. dtype: an integer dtype for the indices
+    (default int32; int64 needs x64, as in JAX). Integer output: no gradient.
     """
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"dtype must be an integer dtype, got {dtype!r}")
     x, axis = _prepare(x, axis)
-    return staged_call(_argsort_impl, x, axis, bool(descending))
+    if jnp.iscomplexobj(x):
+        indices = _complex("complex_argsort")(x, axis=axis, descending=descending)
+    else:
+        indices = staged_call(_argsort_impl, x, axis, bool(descending))
+    return indices if dtype is None else indices.astype(dtype)
 
 
 def _argsort_impl(x, axis, descending):
@@ -198,14 +227,20 @@ def _argsort_call(x, descending):
 
 
 def top_k(x, k: int, *, axis: int = -1):
-    """The k largest entries along `axis`, largest first: `(values, indices)`.
+    """The k largest entries along `axis`, largest first: `[values, indices]`, a list, as
+    `jax.lax.top_k` returns.
 
     Same results as `jax.lax.top_k` (ties to the lower index; IEEE totalOrder on floats, so
     +NaN is largest, -NaN smallest, +0.0 above -0.0). `0 <= k <= n` (static), else ValueError.
-    `axis` of the outputs has length k; indices are int32.
-    Gradient of `values` (floating x): exact, scattered back to `indices`; indices have none.
+    `axis` of the outputs has length k; indices are int32. Complex x: TypeError (as lax).
+    Derivatives of `values` (floating x): exact -- cotangents scattered back to `indices`,
+    tangents gathered from them; second derivatives zero; indices have none.
     """
+    if axis is None:
+        raise TypeError("top_k needs an integer axis (lax.top_k has no axis=None)")
     x, axis = _prepare(x, axis)
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"top_k takes floating, integer or bool x, got {x.dtype}")
     k = check_k(k, x.shape[axis])
     return staged_call(_top_k_impl, x, k, axis)
 
@@ -216,7 +251,7 @@ def _top_k_impl(x, k, axis):
         shape = xl.shape[:-1] + (k,)
         values, indices = jnp.zeros(shape, x.dtype), jnp.zeros(shape, jnp.int32)
     elif is_float_dtype(x.dtype):
-        values, indices = _top_k_last(xl, k, xl.shape[-1])
+        values, indices = _top_k_last(xl, k)
     else:
         values, indices = _top_k_call(jax.lax.stop_gradient(xl), k)
-    return jnp.moveaxis(values, -1, axis), jnp.moveaxis(indices, -1, axis)
+    return [jnp.moveaxis(values, -1, axis), jnp.moveaxis(indices, -1, axis)]

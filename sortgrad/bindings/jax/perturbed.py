@@ -15,6 +15,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..._validate import check_k, check_positive_float, check_positive_int
 from ._args import array_and_axis, compute_dtype
@@ -64,34 +65,47 @@ def _forward(x, z, k, sigma, selector):
     return p, idx, nan_rows
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _perturbed_last(x, z, k, sigma, selector):
-    return _forward(x, z, k, sigma, selector)[0]
+    """(P, idx, nan_rows). z gets no tangent (it comes from the key). The tangent is the
+    perturbation estimator's linear map in dx (below); JAX transposes it for reverse mode."""
+    return _forward(x, z, k, sigma, selector)
 
 
-def _perturbed_last_fwd(x, z, k, sigma, selector):
-    p, idx, nan_rows = _forward(x, z, k, sigma, selector)
-    return p, (z, idx, nan_rows)
+@_perturbed_last.defjvp
+def _perturbed_last_jvp(k, sigma, selector, primals, tangents):
+    x, z = primals
+    p, idx, nan_rows = _perturbed_last(x, z, k, sigma, selector)
+    dp = _estimator_tangent(jax.lax.stop_gradient(z), idx, nan_rows, tangents[0], sigma,
+                            x.shape[-1])
+    return (p, idx, nan_rows), (dp, np.zeros(idx.shape, jax.dtypes.float0),
+                                np.zeros(nan_rows.shape, jax.dtypes.float0))
 
 
-def _perturbed_last_bwd(k, sigma, selector, residuals, g):
-    z, idx, nan_rows = residuals
+def _estimator_tangent(z, idx, nan_rows, dx, sigma, n):
+    """dP = sum_s (t_s - mean t) Y_s / ((S - 1) sigma), t_s = <z_s, dx> (S = 1: t_1 Y_1 / sigma),
+    Y_s the one-hot selection of draw s: a scatter-add of the centred t_s at (i, idx[s, i]).
+    Its transpose is the estimator of the docstring: dx = sum_s (f_s - mean f) z_s / ..., with
+    f_s = <G, Y_s>. Rows of x holding a NaN give NaN (multiplied in: linear in dx)."""
     num_samples = z.shape[0]
-    # f_s = <G, Y(x + sigma z_s)> = sum_i G[..., i, idx[s, ..., i]]   -> (S, *batch)
-    picked = jnp.take_along_axis(g[None], idx[..., None], axis=-1)[..., 0]
-    f = picked.sum(axis=-1).astype(z.dtype)
+    t = jnp.einsum("s...n,...n->s...", z, dx.astype(z.dtype))
     if num_samples > 1:
-        # sample-covariance form: sum_s (f_s - mean f) z_s / (S - 1) is unbiased for E[f Z]
-        f = f - f.mean(axis=0)
+        t = t - t.mean(axis=0)
         denom = (num_samples - 1) * sigma
     else:
         denom = sigma
-    dx = jnp.einsum("s...,s...n->...n", f, z) / jnp.asarray(denom, z.dtype)
-    dx = jnp.where(nan_rows[..., None], jnp.asarray(jnp.nan, dx.dtype), dx)
-    return dx, None
-
-
-_perturbed_last.defvjp(_perturbed_last_fwd, _perturbed_last_bwd)
+    t = t / jnp.asarray(denom, t.dtype)
+    batch = idx.shape[1:-1]
+    k = idx.shape[-1]
+    rows = math.prod(batch)
+    flat = idx.reshape(num_samples, rows, k)
+    b = jnp.arange(rows, dtype=jnp.int32)[None, :, None]
+    i = jnp.arange(k, dtype=jnp.int32)[None, None, :]
+    weights = jnp.broadcast_to(t.reshape(num_samples, rows, 1), flat.shape)
+    dp = jnp.zeros((rows, k, n), t.dtype).at[b, i, flat].add(
+        weights, indices_are_sorted=False, unique_indices=False, mode="promise_in_bounds")
+    nan_factor = jnp.where(nan_rows, jnp.asarray(jnp.nan, t.dtype), jnp.asarray(1, t.dtype))
+    return (dp.reshape(batch + (k, n)) * nan_factor[..., None, None]).astype(dx.dtype)
 
 
 # --- public op ----------------------------------------------------------------------------------
@@ -102,7 +116,7 @@ def _perturbed_core(x, z, k, sigma, axis, selector, route):
     # inlined under an outer jit
     with routed(route):
         xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
-        return _perturbed_last(xl, z, k, sigma, selector).astype(x.dtype)
+        return _perturbed_last(xl, z, k, sigma, selector)[0].astype(x.dtype)
 
 
 def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):

@@ -1,9 +1,11 @@
 """Soft sort, soft rank, soft top-k mask and soft quantiles as JAX ops (Blondel et al. 2020).
 
-Each core is a `jax.custom_vjp` over the last axis whose forward and backward run the kernel
-API (`sortgrad.kernels.soft_*`) through one callback per pass. Residuals: the input, the int32
-sorting permutation and the int32 block ids of the isotonic solution (plus the output for KL
-ranks).
+Each core is a `jax.custom_jvp` over the last axis returning (values, perm, block_ids): its
+forward runs the kernel API (`sortgrad.kernels.soft_*`) through one callback, and its tangent
+is a linear map of the residuals -- the input, the int32 sorting permutation and the int32
+block ids of the isotonic solution (plus the output for ranks) -- bound with `_linear` so
+that reverse mode runs the op's VJP kernel (one callback) and forward mode the map itself
+(`_soft_tangents`). Every order of forward and reverse mode follows.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 
 from ... import kernels
 from ..._validate import check_k, check_quantiles, check_regularization, check_strength
-from ._args import array_and_axis, compute_dtype
+from ._args import compute_dtype, soft_input
+from . import _soft_tangents as tangents
 from ._call import kernel_call, staged_call
+from ._linear import LinearOp, apply_linear
 
 __all__ = ["soft_rank", "soft_sort", "soft_top_k_mask", "soft_quantile"]
 
@@ -58,83 +62,103 @@ def _vjp_call(name, g, x, residuals, static, options=()):
     return dx
 
 
+@lru_cache(maxsize=None)
+def _vjp_map(name: str, static: tuple, options: tuple):
+    """(x, *residuals, g) -> (dx,): the VJP kernel as the map a LinearOp applies."""
+    def run(x, *rest):
+        *residuals, g = rest
+        return (_vjp_call(name, g, x, residuals, static, options),)
+    return run
+
+
+def _int_tangent(a):
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+def _with_tangent(core, op, x, dx, static, values_are_residual=False):
+    """The JVP rule shared by the cores: the primal from `core` itself (so every order of
+    differentiation runs one forward callback), the tangent `op` applied to dx given the
+    residuals (x, [values,] perm, block_ids)."""
+    values, perm, blocks = core(x, *static)
+    residuals = (x, values, perm, blocks) if values_are_residual else (x, perm, blocks)
+    (dv,) = apply_linear(op, residuals, (dx,))
+    return (values, perm, blocks), (dv, _int_tangent(perm), _int_tangent(blocks))
+
+
 # --- soft rank --------------------------------------------------------------------------------
 
-def _rank_call(x, eps, regularization, descending):
-    return _forward_call("soft_rank", x, (eps,),
-                         (("regularization", regularization), ("descending", descending)))
+def _rank_options(regularization, descending):
+    return (("regularization", regularization), ("descending", descending))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@lru_cache(maxsize=None)
+def _rank_op(eps, regularization, descending) -> LinearOp:
+    kernel = _vjp_map("soft_rank_vjp", (eps,), _rank_options(regularization, descending))
+    if regularization == "l2":  # symmetric: the VJP kernel is also the tangent map
+        return LinearOp("rank_l2", kernel, kernel)
+    jvp = partial(tangents.rank_kl_jvp, eps, descending)
+    return LinearOp("rank_kl", jvp, kernel, jvp, partial(tangents.rank_kl_vjp, eps, descending))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _soft_rank_last(x, eps, regularization, descending):
-    return _rank_call(x, eps, regularization, descending)[0]
+    """(ranks, perm, block_ids) of the rows of x."""
+    return _forward_call("soft_rank", x, (eps,), _rank_options(regularization, descending))
 
 
-def _soft_rank_last_fwd(x, eps, regularization, descending):
-    ranks, perm, blocks = _rank_call(x, eps, regularization, descending)
-    return ranks, (x, ranks, perm, blocks)
-
-
-def _soft_rank_last_bwd(eps, regularization, descending, residuals, g):
-    x, ranks, perm, blocks = residuals
-    return (_vjp_call("soft_rank_vjp", g, x, (ranks, perm, blocks), (eps,),
-                      (("regularization", regularization), ("descending", descending))),)
-
-
-_soft_rank_last.defvjp(_soft_rank_last_fwd, _soft_rank_last_bwd)
+@_soft_rank_last.defjvp
+def _soft_rank_last_jvp(eps, regularization, descending, primals, tangents):
+    return _with_tangent(_soft_rank_last, _rank_op(eps, regularization, descending),
+                         primals[0], tangents[0], (eps, regularization, descending), True)
 
 
 # --- soft sort --------------------------------------------------------------------------------
 
-def _sort_call(x, eps, regularization, descending):
-    return _forward_call("soft_sort", x, (eps,),
-                         (("regularization", regularization), ("descending", descending)))
+@lru_cache(maxsize=None)
+def _sort_op(eps, regularization, descending) -> LinearOp:
+    kernel = _vjp_map("soft_sort_vjp", (eps,), _rank_options(regularization, descending))
+    if regularization == "l2":
+        return LinearOp("sort_l2", tangents.sort_l2_jvp, kernel)
+    jvp = partial(tangents.sort_kl_jvp, descending)
+    return LinearOp("sort_kl", jvp, kernel, jvp, partial(tangents.sort_kl_vjp, descending))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _soft_sort_last(x, eps, regularization, descending):
-    return _sort_call(x, eps, regularization, descending)[0]
+    """(values in sorted order, perm, block_ids) of the rows of x."""
+    return _forward_call("soft_sort", x, (eps,), _rank_options(regularization, descending))
 
 
-def _soft_sort_last_fwd(x, eps, regularization, descending):
-    values, perm, blocks = _sort_call(x, eps, regularization, descending)
-    return values, (x, perm, blocks)
-
-
-def _soft_sort_last_bwd(eps, regularization, descending, residuals, g):
-    x, perm, blocks = residuals
-    return (_vjp_call("soft_sort_vjp", g, x, (perm, blocks), (eps,),
-                      (("regularization", regularization), ("descending", descending))),)
-
-
-_soft_sort_last.defvjp(_soft_sort_last_fwd, _soft_sort_last_bwd)
+@_soft_sort_last.defjvp
+def _soft_sort_last_jvp(eps, regularization, descending, primals, tangents):
+    return _with_tangent(_soft_sort_last, _sort_op(eps, regularization, descending),
+                         primals[0], tangents[0], (eps, regularization, descending))
 
 
 # --- soft top-k mask --------------------------------------------------------------------------
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@lru_cache(maxsize=None)
+def _mask_op(eps) -> LinearOp:
+    kernel = _vjp_map("soft_top_k_mask_vjp", (eps,), ())
+    return LinearOp("mask", kernel, kernel)  # symmetric, as the L2 soft rank
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _soft_mask_last(x, k, eps):
-    return _forward_call("soft_top_k_mask", x, (k, eps))[0]
+    """(mask, perm, block_ids) of the rows of x."""
+    return _forward_call("soft_top_k_mask", x, (k, eps))
 
 
-def _soft_mask_last_fwd(x, k, eps):
-    mask, perm, blocks = _forward_call("soft_top_k_mask", x, (k, eps))
-    return mask, (x, perm, blocks)
-
-
-def _soft_mask_last_bwd(k, eps, residuals, g):
-    x, perm, blocks = residuals
-    return (_vjp_call("soft_top_k_mask_vjp", g, x, (perm, blocks), (eps,)),)
-
-
-_soft_mask_last.defvjp(_soft_mask_last_fwd, _soft_mask_last_bwd)
+@_soft_mask_last.defjvp
+def _soft_mask_last_jvp(k, eps, primals, tangents):
+    return _with_tangent(_soft_mask_last, _mask_op(eps), primals[0], tangents[0], (k, eps))
 
 
 # --- public ops -------------------------------------------------------------------------------
 
 def _apply_on_axis(core, x, axis, *static):
     """Runs core(x_last, *static) with `axis` moved last and 16-bit floats in float32."""
-    x, axis = array_and_axis(x, axis)
+    x, axis = soft_input(x, axis)
     compute_dtype(x)
     return staged_call(_on_axis_impl, x, core, axis, *static)
 
@@ -142,27 +166,34 @@ def _apply_on_axis(core, x, axis, *static):
 def _on_axis_impl(x, core, axis, *static):
     if x.size == 0:
         return x
-    out = core(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), *static)
+    out = core(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), *static)[0]
     return jnp.moveaxis(out, -1, axis).astype(x.dtype)
 
 
 _SOFT_DOC = """
     Args:
-      x: floating array (float16/bfloat16 are computed in float32 and returned in their own
-        dtype); any leading dims; `axis` (static) is the one operated on.
+      x: array; float16/bfloat16 are computed in float32 and returned in their own dtype;
+        integer and bool x are promoted to float as `jnp.quantile` does (float32; float64
+        for 64-bit integers under x64). Any leading dims; `axis` (static) is the one operated
+        on, None: the flattened array.
       regularization_strength: eps > 0, finite, a static float. Scale-dependent: as eps -> 0
         the op becomes its hard counterpart; large eps flattens it.
       regularization: "l2" (quadratic) or "kl" (entropic).
       descending: static bool.
 
-    Ties: tied inputs get identical outputs. A row (along `axis`) holding NaN or +-inf gives
-    NaN for that whole row of the output and of the gradient; other rows are unaffected.
-    Works under jit, grad, vmap, jacrev; the gradient is exact (isotonic-regression VJP).
-    Internally float64. Bad arguments raise ValueError/TypeError before anything runs.
+    Ties: tied inputs get identical outputs. Kinks: where the isotonic solution changes its
+    block structure (e.g. integer data at eps = 1) the derivative is the one-sided derivative
+    of the pooled side (the blocks merged), as fast-soft-sort and torchsort return: nonzero
+    wherever either side is. A row (along `axis`) holding NaN or +-inf gives NaN for that whole
+    row of the output and of every derivative; other rows are unaffected.
+    Derivatives: exact, in every mode and order (jvp, jacfwd, grad, jacrev, hessian, under
+    jit and vmap): the tangent map is linear given the sorting permutation and the pooled
+    blocks; reverse mode runs the fused VJP kernel. Internally float64 on the CPU. Bad
+    arguments raise ValueError/TypeError before anything runs.
 """
 
 
-def soft_rank(x, *, axis: int = -1, regularization_strength: float = 1.0,
+def soft_rank(x, *, axis: int | None = -1, regularization_strength: float = 1.0,
               regularization: str = "l2", descending: bool = False):
     """Soft ranks along `axis`, in [1, n]; rank 1 is the smallest (largest if descending).
 
@@ -174,7 +205,7 @@ def soft_rank(x, *, axis: int = -1, regularization_strength: float = 1.0,
     return _apply_on_axis(_soft_rank_last, x, axis, eps, reg, bool(descending))
 
 
-def soft_sort(x, *, axis: int = -1, regularization_strength: float = 1.0,
+def soft_sort(x, *, axis: int | None = -1, regularization_strength: float = 1.0,
               regularization: str = "l2", descending: bool = False):
     """Soft sorted values along `axis` (ascending unless `descending`).
 
@@ -186,49 +217,75 @@ def soft_sort(x, *, axis: int = -1, regularization_strength: float = 1.0,
     return _apply_on_axis(_soft_sort_last, x, axis, eps, reg, bool(descending))
 
 
-def soft_top_k_mask(x, k: int, *, axis: int = -1, regularization_strength: float = 1.0):
+def soft_top_k_mask(x, k: int, *, axis: int | None = -1, regularization_strength: float = 1.0):
     """Soft indicator of the k largest entries along `axis`: values in [0, 1] summing to k.
 
     The L2 projection of x/eps onto the permutahedron of (1, ..., 1, 0, ..., 0) with k ones,
     i.e. clip(x/eps - tau, 0, 1) with tau chosen so the row sums to k; as eps -> 0 it is 1 on
     the k largest entries. `0 <= k <= n` (static), else ValueError.
     """
-    x, axis = array_and_axis(x, axis)
+    x, axis = soft_input(x, axis)
     k = check_k(k, x.shape[axis])
     eps = check_strength(regularization_strength)
     return _apply_on_axis(_soft_mask_last, x, axis, k, eps)
 
 
-def soft_quantile(x, q, *, axis: int = -1, regularization_strength: float = 1.0,
-                  regularization: str = "l2"):
+def soft_quantile(x, q, *, axis: int | None = -1, regularization_strength: float = 1.0,
+                  regularization: str = "l2", keepdims: bool = False):
     """Soft q-quantile(s) along `axis`: linear interpolation of the ascending soft sort at
     position q * (n - 1), as `jnp.quantile(..., method="linear")` does on the hard sort.
 
-    q: a static float in [0, 1] (the axis is reduced), or a 1-D sequence of them (the result
-    gets a leading axis of len(q), as `jnp.quantile`). The row must not be empty.
+    q: a float in [0, 1] (the axis is reduced) or a 1-D sequence/array of them (the result
+    gets a leading axis of len(q), as `jnp.quantile`). A static q (Python floats, NumPy) is
+    checked (ValueError outside [0, 1]); a JAX array q may be traced (under jit, vmap, grad:
+    the result is differentiable in q too) and is not checked: as `jnp.quantile`, values
+    below 0 give the minimum, above 1 the maximum, NaN gives NaN. keepdims: keep `axis` with length 1 (as `jnp.quantile`). The row
+    must not be empty.
     """
-    quantiles = check_quantiles(q)
     eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
-    x, axis = array_and_axis(x, axis)
+    x, axis = soft_input(x, axis)
     if x.shape[axis] == 0:
         raise ValueError("soft_quantile needs at least one element along axis")
     compute_dtype(x)
-    return staged_call(_quantile_impl, x, axis, eps, reg, quantiles)
+    if isinstance(q, jax.Array):
+        if q.ndim > 1:
+            raise TypeError(f"q must be a scalar or 1-D, got shape {q.shape}")
+        ordered = staged_call(_ascending_soft_sort, x, axis, eps, reg)
+        out = _interpolate(ordered, jnp.asarray(q, ordered.dtype), x.dtype)
+    else:
+        out = staged_call(_quantile_impl, x, axis, eps, reg, check_quantiles(q))
+    if keepdims:
+        out = jnp.expand_dims(out, axis + (out.ndim - x.ndim + 1))
+    return out
+
+
+def _ascending_soft_sort(x, axis, eps, regularization):
+    """The ascending soft sort of the rows along `axis`, moved last, in the compute dtype."""
+    return _soft_sort_last(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), eps,
+                           regularization, False)[0]
+
+
+def _interpolate(ordered, q, dtype):
+    """Linear interpolation of the sorted rows at q * (n - 1), in the compute dtype, rounded to
+    `dtype` once; q's dims lead the result. A static q (NumPy float64) places the positions
+    in float64 at trace time; a JAX q at run time (clipped to [0, 1], NaN stays NaN)."""
+    xp = np if isinstance(q, np.ndarray) else jnp
+    n = ordered.shape[-1]
+    pos = xp.clip(q, 0, 1) * (n - 1)
+    lo = xp.clip(xp.floor(pos), 0, n - 1)
+    frac = (pos - lo).astype(ordered.dtype)
+    lo = lo.astype(np.int32)
+    hi = xp.minimum(lo + 1, n - 1)
+    out = jnp.take(ordered, lo, axis=-1) * (1 - frac) + jnp.take(ordered, hi, axis=-1) * frac
+    return (out if np.ndim(q) == 0 else jnp.moveaxis(out, -1, 0)).astype(dtype)
 
 
 def _quantile_impl(x, axis, eps, regularization, quantiles):
-    """The soft sort and the interpolation in the compute dtype (float32 for 16-bit input),
-    rounded to x's dtype once."""
-    n = x.shape[axis]
-    ordered = _soft_sort_last(jnp.moveaxis(x, axis, -1).astype(compute_dtype(x)), eps,
-                              regularization, False)
-    pos = np.asarray(quantiles, dtype=np.float64) * (n - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    frac = (pos - lo).astype(ordered.dtype)
-    out = (ordered[..., lo] * (1 - frac) + ordered[..., hi] * frac).astype(x.dtype)
-    return out if np.ndim(pos) == 0 else jnp.moveaxis(out, -1, 0)
+    """Static quantiles: the soft sort and the interpolation in the compute dtype (float32 for
+    16-bit input), rounded to x's dtype once."""
+    ordered = _ascending_soft_sort(x, axis, eps, regularization)
+    return _interpolate(ordered, np.asarray(quantiles, dtype=np.float64), x.dtype)
 
 
 def _append_doc(fn, *drop: str) -> None:
