@@ -138,7 +138,7 @@ def isotonic_inputs(rng, shape, dtype, regularization, kind="random", *, w_shape
                        neighbouring blocks.
       "increasing"     s = cumsum(uniform + 0.1) along the row, w = 0: one block per row.
       "decreasing"     the negated "increasing": no pooling at all.
-      "constant"       s = 1.5, w = 0: equal neighbours stay separate blocks.
+      "constant"       s = 1.5, w = 0: equal neighbours (they pool into one block).
       "staircase"      s = -1, -2, ... with the second half raised by 2n, w = 0: long stacks
                        that the last merges pool back into one block.
       "ramp"           s = 0, 1, ..., n-1 (no draws), w = 0: everything pools into one block.

@@ -127,8 +127,13 @@ def _softmax(a) -> np.ndarray:
 def _block_value(s_b, w_b, regularization) -> float:
     if regularization == "l2":
         return math.fsum((s_b - w_b).tolist()) / len(s_b)
-    if regularization == "kl":
-        return _logsumexp(s_b) - _logsumexp(w_b)
+    if regularization == "kl":  # (max s - max w) + (log sum exp(s - max) - ...): the large
+        # terms cancel first, so w_B = s_B - c (evenly spaced data) gives exactly c
+        ms, mw = float(np.max(s_b)), float(np.max(w_b))
+        if not (math.isfinite(ms) and math.isfinite(mw)):
+            return _logsumexp(s_b) - _logsumexp(w_b)
+        return (ms - mw) + (math.log(math.fsum(np.exp(s_b - ms).tolist()))
+                            - math.log(math.fsum(np.exp(w_b - mw).tolist())))
     raise ValueError(f"regularization must be 'l2' or 'kl', got {regularization!r}")
 
 
@@ -139,36 +144,53 @@ def _blocks_to_ids(bounds, n) -> np.ndarray:
     return ids
 
 
-def reference_isotonic(s, w, regularization="l2", pool_ties=False):
+def reference_isotonic(s, w, regularization="l2", pool_ties=True, tie_keys=None):
     """Decreasing isotonic regression of one row, by merging violating neighbours.
 
     Solves min over v_1 >= ... >= v_n of
       "l2": 1/2 ||v - (s - w)||^2          (a pooled block B takes mean(s_B - w_B)),
       "kl": <exp(s - v), 1> + <exp(w), v>  (a block takes logsumexp(s_B) - logsumexp(w_B)).
-    Neighbouring blocks strictly out of order (left value < right value) are merged until
-    none are: the finest block partition, where neighbours of equal value stay apart (the
-    kernel's contract, and the blocks the derivative needs where equal values come from tied
-    inputs that any perturbation would order, see the Jacobians). With pool_ties=True equal
-    neighbours are merged as well (same solution; blocks = maximal runs of equal values).
+    Neighbouring blocks out of order (left value < right value) are merged, and with
+    pool_ties=True (the default, the kernels' contract) so are neighbours of exactly equal
+    value: the pooled side of a kink (DESIGN.md "Kinks"; blocks = the maximal runs of equal
+    solution values). pool_ties=False keeps equal neighbours apart (the finest partition: the
+    other one-sided derivative at a kink; the same solution).
+
+    tie_keys (the soft ops' rule, with pool_ties): the sorted (descending) input values behind
+    the row; two equal neighbours B1, B2 whose keys are all tied (tie_keys at B1's first entry
+    == at B2's last) stay apart: no perturbation of the input makes them violate (a sort
+    re-orders tied inputs), so they are no kink.
 
     Returns (solution float64 (n,), block_ids int32 (n,) numbered 0, 1, ... from the left).
     """
     s, w = _f64_row(s, "s"), _f64_row(w, "w")
     if s.shape != w.shape:
         raise ValueError(f"s {s.shape} and w {w.shape} differ")
+    if tie_keys is not None:
+        tie_keys = _f64_row(tie_keys, "tie_keys")
+        if tie_keys.shape != s.shape:
+            raise ValueError(f"tie_keys {tie_keys.shape} and s {s.shape} differ")
     if regularization not in ("l2", "kl"):
         raise ValueError(f"regularization must be 'l2' or 'kl', got {regularization!r}")
     n = s.shape[0]
     bounds = [[i, i + 1] for i in range(n)]
     values = [_block_value(s[i:i + 1], w[i:i + 1], regularization) for i in range(n)]
+
+    def merges(j):
+        if values[j] < values[j + 1]:
+            return True
+        if not (pool_ties and values[j] == values[j + 1]):
+            return False
+        return tie_keys is None or tie_keys[bounds[j][0]] != tie_keys[bounds[j + 1][1] - 1]
+
     j = 0
     while j + 1 < len(bounds):
-        if values[j] < values[j + 1] or (pool_ties and values[j] == values[j + 1]):
+        if merges(j):
             a, e = bounds[j][0], bounds[j + 1][1]
             bounds[j] = [a, e]
             del bounds[j + 1], values[j + 1]
             values[j] = _block_value(s[a:e], w[a:e], regularization)
-            j = max(j - 1, 0)  # only the merged block's left neighbour can now violate
+            j = max(j - 1, 0)  # only the merged block's left neighbour can now merge
         else:
             j += 1
     solution = np.empty(n, dtype=np.float64)
@@ -272,18 +294,20 @@ def _perm_matrix(sigma) -> np.ndarray:
     return p
 
 
-def _soft_rank_parts(x, eps, regularization, descending, pool_ties=False):
+def _soft_rank_parts(x, eps, regularization, descending):
     x = _f64_row(x)
     eps = _check_eps(eps)
     z = (-x if descending else x) / eps
     sigma = _argsort_desc(z)
     s = z[sigma]
     n = x.shape[0]
+    # Kinks: equal neighbours pool; no tie keys: tied s make s - rho (and s - log rho) strictly
+    # increasing, so in exact arithmetic they always pool and equality over tied s is rounding.
     if regularization == "l2":
-        v, blocks = reference_isotonic(s, _rho(n), "l2", pool_ties)
+        v, blocks = reference_isotonic(s, _rho(n), "l2")
         r_sorted = s - v
     elif regularization == "kl":
-        v, blocks = reference_isotonic(s, np.log(_rho(n)), "kl", pool_ties)
+        v, blocks = reference_isotonic(s, np.log(_rho(n)), "kl")
         r_sorted = np.exp(s - v)
     else:
         raise ValueError(f"regularization must be 'l2' or 'kl', got {regularization!r}")
@@ -303,9 +327,9 @@ def reference_soft_rank(x, eps, regularization="l2", descending=False) -> np.nda
 
 
 def reference_soft_rank_jacobian(x, eps, regularization="l2", descending=False) -> np.ndarray:
-    """d soft_rank / d x (n, n), exact from the block structure."""
-    sigma, s, r_sorted, blocks = _soft_rank_parts(x, eps, regularization, descending,
-                                                  pool_ties=False)
+    """d soft_rank / d x (n, n), exact from the block structure; at a kink the pooled side
+    (equal neighbouring blocks pooled)."""
+    sigma, s, r_sorted, blocks = _soft_rank_parts(x, eps, regularization, descending)
     n = len(sigma)
     if regularization == "l2":
         jac_sorted = np.eye(n) - _block_matrix(blocks)
@@ -319,17 +343,19 @@ def reference_soft_rank_jacobian(x, eps, regularization="l2", descending=False) 
     return sign / float(eps) * pi.T @ jac_sorted @ pi
 
 
-def _soft_sort_desc_parts(x, eps, regularization, pool_ties=False):
+def _soft_sort_desc_parts(x, eps, regularization):
     x = _f64_row(x)
     eps = _check_eps(eps)
     sigma = _argsort_desc(x)
     s = x[sigma]
     theta = _rho(x.shape[0]) / eps
-    if regularization == "l2":
-        v, blocks = reference_isotonic(theta, s, "l2", pool_ties)  # block value mean(theta_B - s_B)
+    # Kinks: equal neighbours pool, except blocks over tied sorted inputs s (tie_keys=s, not
+    # the PAV's own argument theta - s or theta, which is never tied)
+    if regularization == "l2":  # block value mean(theta_B - s_B)
+        v, blocks = reference_isotonic(theta, s, "l2", tie_keys=s)
         out = theta - v
-    elif regularization == "kl":
-        v, blocks = reference_isotonic(theta, s, "kl", pool_ties)  # lse(theta_B) - lse(s_B)
+    elif regularization == "kl":  # lse(theta_B) - lse(s_B)
+        v, blocks = reference_isotonic(theta, s, "kl", tie_keys=s)
         out = np.empty_like(s)
         for a, e in _block_ranges(blocks):  # theta - v, with the big terms cancelled first
             out[a:e] = (theta[a:e] - _logsumexp(theta[a:e])) + _logsumexp(s[a:e])
@@ -351,11 +377,12 @@ def reference_soft_sort(x, eps, regularization="l2", descending=False) -> np.nda
 
 
 def reference_soft_sort_jacobian(x, eps, regularization="l2", descending=False) -> np.ndarray:
-    """d soft_sort / d x (n, n): L2 blockmean; KL softmax of the sorted inputs per block."""
+    """d soft_sort / d x (n, n): L2 blockmean; KL softmax of the sorted inputs per block; at a
+    kink the pooled side (equal blocks over tied inputs stay apart)."""
     x = _f64_row(x)
     if not descending:  # d/dx [-f(-x)] = f'(-x)
         return reference_soft_sort_jacobian(-x, eps, regularization, True)
-    sigma, s, _, blocks = _soft_sort_desc_parts(x, eps, regularization, pool_ties=False)
+    sigma, s, _, blocks = _soft_sort_desc_parts(x, eps, regularization)
     if regularization == "l2":
         jac_sorted = _block_matrix(blocks)
     else:
@@ -366,7 +393,7 @@ def reference_soft_sort_jacobian(x, eps, regularization="l2", descending=False) 
     return jac_sorted @ _perm_matrix(sigma)
 
 
-def _mask_parts(x, k, eps, pool_ties=False):
+def _mask_parts(x, k, eps):
     x = _f64_row(x)
     eps = _check_eps(eps)
     n = x.shape[0]
@@ -375,7 +402,9 @@ def _mask_parts(x, k, eps, pool_ties=False):
     sigma = _argsort_desc(x)
     s = x[sigma] / eps
     w_k = (np.arange(n) < k).astype(np.float64)
-    v, blocks = reference_isotonic(s, w_k, "l2", pool_ties)
+    # Kinks: equal neighbours pool, except blocks over tied s = x/eps sorted (tie_keys=s):
+    # e.g. tied entries saturated at 1 (or 0) stay apart, and the mask is flat there
+    v, blocks = reference_isotonic(s, w_k, "l2", tie_keys=s)
     return sigma, s - v, blocks
 
 
@@ -388,9 +417,10 @@ def reference_soft_top_k_mask(x, k, eps) -> np.ndarray:
 
 
 def reference_soft_top_k_mask_jacobian(x, k, eps) -> np.ndarray:
-    """d mask / d x (n, n). Tied inputs both among (or both outside) the top k that sit at
-    1 (or 0) are separate blocks here: any perturbation orders them and the mask stays flat."""
-    sigma, _, blocks = _mask_parts(x, k, eps, pool_ties=False)
+    """d mask / d x (n, n); at a kink the pooled side. Tied inputs both among (or both
+    outside) the top k that sit at 1 (or 0) are separate blocks here: any perturbation orders
+    them and the mask stays flat."""
+    sigma, _, blocks = _mask_parts(x, k, eps)
     n = len(sigma)
     pi = _perm_matrix(sigma)
     return pi.T @ (np.eye(n) - _block_matrix(blocks)) @ pi / float(eps)

@@ -203,3 +203,62 @@ def test_perturbed_top_k_forward_mode_is_the_estimators_transpose():
     x_nan[0, 1] = np.nan
     _, t = jax.jvp(op, (x_nan,), (v,))
     assert np.all(np.isnan(t[0])) and np.all(np.isfinite(t[1]))
+
+
+# --- kinks: the pooled side --------------------------------------------------------------------
+
+def _fd_jacobian(f, x, step=1e-6):
+    cols = [(np.asarray(f(x + step * e)) - np.asarray(f(x - step * e))) / (2 * step)
+            for e in np.eye(x.size)]
+    return np.stack(cols, axis=-1)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("x, inside", [
+    # eps = 1, integer data: sorted gaps of exactly 1 are PAV merge thresholds
+    ([5.0, 1.0, 2.0], [0.0, 1e-3, 0.0]),   # s - rho = [2, 0, 0]: the last two pool
+    ([1.0, 2.0, 3.0, 4.0, 5.0], [1e-3, 0.0, 0.0, 0.0, -1e-3]),  # torchsort's README data
+    ([3.0, 1.0, 2.0, 0.0], [-2e-3, 0.0, 0.0, 1e-3]),  # s - rho = [-1, -1, -1, -1]
+])
+def test_soft_rank_kink_returns_the_pooled_side(x, inside, descending):
+    """At the kink the Jacobian is the one of the pooled side: equal to the (unique) Jacobian
+    at a point just inside the pooled region, never the zero of the unpooled side."""
+    x, inside = np.asarray(x), np.asarray(inside)
+    if descending:
+        x, inside = -x, -inside
+    op = lambda v: sortgrad.soft_rank(v, descending=descending)  # noqa: E731
+    pooled = _fd_jacobian(op, x + inside)
+    assert np.abs(pooled).sum() > 0.5
+    for jac in (jax.jacrev(op)(x), jax.jacfwd(op)(x)):
+        np.testing.assert_allclose(jac, pooled, atol=1e-6)
+
+
+def test_soft_sort_and_mask_kinks():
+    x = np.array([5.0, 1.0, 2.0])
+    sort = lambda v: sortgrad.soft_sort(v, regularization_strength=1.0)  # noqa: E731
+    # theta - s = [1 - 5, 2 - 2, 3 - 1] ascending-signed: gaps of 1/eps = 1 are kinks as well
+    np.testing.assert_allclose(jax.jacrev(sort)(x), jax.jacfwd(sort)(x), atol=1e-12)
+    mask = lambda v: sortgrad.soft_top_k_mask(v, 1, regularization_strength=1.0)  # noqa: E731
+    z = np.array([2.0, 1.0, 1.0])  # s - w = [1, 1, 1]: the pooled side of a real kink
+    np.testing.assert_allclose(jax.jacrev(mask)(z), _fd_jacobian(mask, z - [1e-3, 0, 0]),
+                               atol=1e-6)
+    # inputs tied where the mask saturates are not a kink: no perturbation separates them
+    for v, k in (([5.0, 5.0, 0.0], 2), ([3.0, 0.0, 0.0], 1)):
+        f = lambda u, k=k: sortgrad.soft_top_k_mask(u, k, regularization_strength=1.0)  # noqa
+        np.testing.assert_array_equal(jax.jacrev(f)(np.asarray(v)), np.zeros((3, 3)))
+
+
+def test_torchsort_readme_spearman_gradient_is_nonzero():
+    """torchsort's README example: a Spearman loss on ranks of integer-valued data."""
+    pred = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    target = jnp.array([[5.0, 6.0, 7.0, 8.0, 7.0]])
+
+    def spearman(p):
+        p, t = sortgrad.soft_rank(p), sortgrad.soft_rank(target)
+        p, t = p - p.mean(), t - t.mean()
+        return (p / jnp.linalg.norm(p) * t / jnp.linalg.norm(t)).sum()
+    grad = jax.grad(spearman)(pred)
+    assert np.abs(grad).max() > 1e-3
+    np.testing.assert_allclose(grad, _fd_jacobian(spearman, np.asarray(pred) +
+                                                  np.array([[1e-3, 0, 0, 0, -1e-3]]))[None, :]
+                               .reshape(grad.shape), atol=5e-4)  # 1e-3 from the kink

@@ -167,9 +167,12 @@ _ISOTONIC_PTX_SCRIPT = textwrap.dedent("""
         I, F = nt.Array(nt.int32, 2, "C"), nt.Array(nt.float64, 2, "C")
         scalars = (nt.int64, nt.int64, nt.int64, nt.int64, nt.boolean, F, I)
         cap = 819 if shared else 1
-        for kernel, sig in ((nc._forward_kernel(dtype, reg, shared, 256, cap), (A, A, A, I)),
-                            (nc._vjp_kernel(dtype, reg, shared, 256, cap), (A, A, A, I, A, A))):
-            ptx = ns.compile_ptx_cases([(kernel, sig + scalars)], cc=(8, 0))
+        keys = (A, nt.boolean)  # the forward's tie keys and whether to read them
+        for kernel, sig in ((nc._forward_kernel(dtype, reg, shared, 256, cap),
+                             (A, A, A, I) + scalars + keys),
+                            (nc._vjp_kernel(dtype, reg, shared, 256, cap),
+                             (A, A, A, I, A, A) + scalars)):
+            ptx = ns.compile_ptx_cases([(kernel, sig)], cc=(8, 0))
             assert all(".entry" in p for p in ptx.values())
             compiled += 1
     print("compiled", compiled)

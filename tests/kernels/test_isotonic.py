@@ -83,14 +83,19 @@ def test_reference_solver_matches_minmax_formula(regularization, seed):
 
 
 def test_reference_solver_small_example():
-    # y = s - w = [1, 3, 2]: 1 < 3 pools to 2; then 2 and 2 are equal: separate blocks, or one
-    # block when ties are pooled too; the solution is the same
+    # y = s - w = [1, 3, 2]: 1 < 3 pools to 2; then 2 and 2 are equal: one block (the default,
+    # the kernels' pooled side of a kink), or separate blocks with pool_ties=False; the
+    # solution is the same
     sol, blocks = reference_isotonic([1.0, 3.0, 2.0], [0.0, 0.0, 0.0], "l2")
     np.testing.assert_array_equal(sol, [2.0, 2.0, 2.0])
-    np.testing.assert_array_equal(blocks, [0, 0, 1])
-    sol, blocks = reference_isotonic([1.0, 3.0, 2.0], [0.0, 0.0, 0.0], "l2", pool_ties=True)
-    np.testing.assert_array_equal(sol, [2.0, 2.0, 2.0])
     np.testing.assert_array_equal(blocks, [0, 0, 0])
+    sol, blocks = reference_isotonic([1.0, 3.0, 2.0], [0.0, 0.0, 0.0], "l2", pool_ties=False)
+    np.testing.assert_array_equal(sol, [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(blocks, [0, 0, 1])
+    # tie keys (the soft ops' exception): equal blocks over tied keys stay apart
+    sol, blocks = reference_isotonic([2.0, 2.0, 1.0, 1.0], [0.0] * 4, "l2",
+                                     tie_keys=[5.0, 5.0, 4.0, 3.0])
+    np.testing.assert_array_equal(blocks, [0, 1, 2, 2])
     sol, blocks = reference_isotonic([3.0, 1.0, 2.0], [0.0, 0.0, 0.0], "l2")
     np.testing.assert_array_equal(sol, [3.0, 1.5, 1.5])
     np.testing.assert_array_equal(blocks, [0, 1, 1])
@@ -172,22 +177,22 @@ def test_heavy_ties(regularization, n):
     sol, blocks = isotonic_regression(s, w, regularization=regularization)
     ref_sol, ref_blocks = _reference_rows(s, w, regularization)
     np.testing.assert_allclose(sol, ref_sol, rtol=1e-12, atol=1e-12)
-    if regularization == "l2":  # small-integer means are exact: the same strict violations
+    if regularization == "l2":  # small-integer means are exact: the same pooling decisions
         np.testing.assert_array_equal(blocks, ref_blocks)
     _assert_valid_blocks(sol, blocks, s, w, regularization)
 
 
 @pytest.mark.parametrize("regularization", REGS)
-def test_equal_neighbours_stay_separate_blocks(regularization):
-    """Only strict violations pool: a constant row is n blocks (the finest partition)."""
+def test_equal_neighbours_pool(regularization):
+    """Equal neighbours pool (the pooled side of a kink): a constant row is one block."""
     s = np.full((2, 9), 1.5)
     sol, blocks = isotonic_regression(s, np.zeros(9), regularization=regularization)
-    np.testing.assert_array_equal(blocks, np.broadcast_to(np.arange(9), (2, 9)))
+    np.testing.assert_array_equal(blocks, 0)
     np.testing.assert_allclose(sol, 1.5, rtol=1e-14)
-    # a violation next to the equal run pools only what it must
+    # a violation next to the equal run: 1 < 3 pool to 2, then equal to the 2s: one block
     sol, blocks = isotonic_regression(np.array([2.0, 2.0, 1.0, 3.0]), np.zeros(4),
                                       regularization="l2")
-    np.testing.assert_array_equal(blocks, [0, 1, 2, 2])
+    np.testing.assert_array_equal(blocks, [0, 0, 0, 0])
     np.testing.assert_array_equal(sol, [2.0, 2.0, 2.0, 2.0])
 
 

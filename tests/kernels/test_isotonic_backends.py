@@ -185,13 +185,15 @@ ROW_SHAPES = [(reg, kind) for reg in REGS
 def test_isotonic_row_shapes(backend, regularization, kind, n):
     """Rows that pool everything, nothing, ties, or a long stack at the last merge."""
     s, w = inputs(2, 2, n, np.float64, regularization, kind)
-    # small-integer L2 means are exact, so the strict violations are the CPU's; KL block
+    # small-integer L2 means are exact, so the pooling decisions are the CPU's; KL block
     # values of tied inputs are equal only up to rounding
     _, blocks = check_isotonic(backend, s, w, regularization,
                                degenerate=kind == "ties" and regularization == "kl")
     if kind == "increasing" or (kind == "staircase" and regularization == "l2"):
         assert np.all(blocks == 0)
-    if kind in ("decreasing", "constant"):
+    if kind == "constant":  # equal neighbours pool
+        assert np.all(blocks == 0)
+    if kind == "decreasing":
         np.testing.assert_array_equal(blocks, np.broadcast_to(np.arange(n), s.shape))
 
 
@@ -219,6 +221,73 @@ def test_many_rows_per_block(backend):
     for n in (3, 9):
         s, w = inputs(12 + n, 21, n, np.float32, "l2")
         check_isotonic(backend, s, w, "l2")
+
+
+# --- kinks: equal neighbouring blocks pool (DESIGN.md "Kinks": the pooled side) -----------------
+# Before, only strict violations pooled and every row below came out in finer blocks.
+
+# y = s - w per row, and the block ids: equal neighbours pool, also when the equality appears
+# only after a pool ([1, 3, 2]: 1 and 3 pool to 2, equal to the next 2)
+_L2_KINKS = [([2.0, 2.0, 2.0, 2.0, 2.0], [0, 0, 0, 0, 0]),
+             ([1.0, 3.0, 2.0, 0.0, 0.0], [0, 0, 0, 1, 1]),
+             ([2.0, 0.0, 2.0, 1.0, -1.0], [0, 1, 1, 1, 2]),
+             ([3.0, 1.0, 2.0, 0.0, -1.0], [0, 1, 1, 2, 3])]  # no equality: unchanged
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_equal_neighbours_pool(backend, dtype):
+    rng = np.random.default_rng(31)
+    y = np.array([row for row, _ in _L2_KINKS])
+    w = rng.integers(-4, 5, size=y.shape).astype(dtype)  # small integers: exact s - w
+    s = (y + w).astype(dtype)
+    _, ids = check_isotonic(backend, s, w, "l2")
+    np.testing.assert_array_equal(ids, [blocks for _, blocks in _L2_KINKS])
+
+
+@pytest.mark.parametrize("spread", ["linear", "shifted"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_equal_neighbours_pool(backend, spread, dtype):
+    """KL on both CPU paths (spread of exponents below / above LINEAR_KL_SPREAD): equal
+    singletons s - w pool (linear: equal products of the sums), and w = s (every block value
+    exactly 0) is one block."""
+    top = 3.0 if spread == "linear" else 700.0  # 700 - (-200) > 600: the shifted sums
+    s = np.array([[top, top, 1.0, 0.0, 0.0, -1.0],
+                  [top, top, -100.0, -200.0, -200.0, -200.0]])
+    s = s[:1] if spread == "linear" else s[1:]
+    w = np.zeros_like(s)
+    rng = np.random.default_rng(32)
+    s2 = -np.sort(-rng.normal(size=(2, 6)) * (1.0 if spread == "linear" else 400.0), axis=-1)
+    s, w = np.concatenate([s, s2]).astype(dtype), np.concatenate([w, s2]).astype(dtype)
+    sol, ids = check_isotonic(backend, s, w, "kl")
+    np.testing.assert_array_equal(ids, [[0, 0, 1, 2, 2, 3] if spread == "linear"
+                                        else [0, 0, 1, 2, 2, 2], [0] * 6, [0] * 6])
+    np.testing.assert_allclose(sol[1:], 0.0, atol=1e-12)
+
+
+@over_backends("n", simulator=[33, 70], emulator=[1025, 3001, 5000])
+@pytest.mark.parametrize("regularization", REGS)
+def test_equal_neighbours_pool_across_chunks(backend, n, regularization):
+    """Long rows: the equalities sit across thread chunks, tree-merge levels and (CuPy) tiles.
+    Row 0: w = s (every block value exactly 0): one block. Row 1 (L2): groups y = c + (1, 3, 2)
+    (a pool, then an equality) with c falling by 10: blocks of 3. Row 1 (KL): runs of 1 to 5
+    entries with w = s - d, d falling per run (every value of a run exactly d: the shifted
+    copies that `kl_value` keeps exact; the spread > 600 takes the shifted sums on the CPU)."""
+    rng = np.random.default_rng(n)
+    s0 = -np.sort(-rng.normal(size=n) * 3)
+    if regularization == "l2":
+        y = (np.tile([1.0, 3.0, 2.0], -(-n // 3))[:n] - 10.0 * (np.arange(n) // 3))
+        s1, w1 = y + 1.0, np.ones(n)
+        expected = np.arange(n) // 3
+    else:
+        lengths = rng.integers(1, 6, size=n)
+        run = np.repeat(np.arange(n), lengths)[:n]
+        s1 = rng.integers(-300, 300, size=n).astype(float)
+        w1 = s1 - (1000.0 - 2.0 * run)
+        expected = run
+    s, w = np.stack([s0, s1]), np.stack([s0, w1])
+    _, ids = check_isotonic(backend, s, w, regularization, oracle=n <= 3001)
+    np.testing.assert_array_equal(ids[0], 0)
+    np.testing.assert_array_equal(ids[1], expected)
 
 
 # --- KL range, NaNs --------------------------------------------------------------------------------
@@ -295,8 +364,9 @@ def _is_subnormal(a):
 
 def _subnormal_inputs(rng, rows, n, regularization, shared):
     """L2: a falling trend plus noise (plenty of pooling); KL: s - w strictly decreasing (no
-    pooling: a KL pool's log-sum-exp is rounded differently on the two backends, and with
-    exp(s - max) == 1 for all entries the CPU's linear PAV pools nothing else)."""
+    pooling: a KL pool's log-sum-exp is rounded differently on the two backends; exp(s - max)
+    == 1 for all entries, so the CPU's linear PAV must compare the singletons by s - w, not by
+    the products of exponentials, which are all equal and would pool everything)."""
     w_rows = 1 if shared else rows
     k_w = rng.integers(-2 ** 20, 2 ** 20, size=(w_rows, n))
     if regularization == "l2":

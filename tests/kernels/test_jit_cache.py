@@ -30,14 +30,14 @@ PROBE = '''\
 import numba
 import numpy as np
 
-from sortgrad.kernels.isotonic._cpu import pav_l2_row
+from sortgrad.kernels.isotonic._cpu import no_keys, pav_l2_row
 
 
 @numba.njit(cache=True)
 def probe(y):
     sol = np.empty(y.shape[0], dtype=np.float64)
     blocks = np.empty(y.shape[0], dtype=np.int32)
-    pav_l2_row(y, sol, blocks)
+    pav_l2_row(y, no_keys(), sol, blocks)
     return blocks
 '''
 
@@ -49,7 +49,7 @@ import numpy as np
 import sortgrad
 from sortgrad.kernels import {PROBE_MODULE} as p
 assert sortgrad.__file__.startswith(os.environ["PROBE_ROOT"]), sortgrad.__file__
-blocks = p.probe(np.array([2.0, 1.0, 1.0, 0.0]))  # a tie: pooled or not by the comparison
+blocks = p.probe(np.array([2.0, 1.0, 1.0, 0.0]))  # [0, 1, 1, 2]; negated: [0, 0, 0, 0]
 print(json.dumps({{"blocks": blocks.tolist(),
                   "hits": sum(p.probe.stats.cache_hits.values()),
                   "misses": sum(p.probe.stats.cache_misses.values())}}))
@@ -66,25 +66,17 @@ def _copy_package(root: Path) -> Path:
 
 
 def _edit_helper(pkg: Path) -> None:
-    """Changes pav_l2_row (in isotonic/_cpu.py) so that the probe's block ids change: pool
-    equal neighbours too, or, if that comparison is not found, fit the negated input."""
+    """Changes pav_l2_row (in isotonic/_cpu.py) so that the probe's block ids change: it fits
+    the negated input."""
     path = pkg / "kernels" / "isotonic" / "_cpu.py"
     source = path.read_text()
     fn = next(node for node in ast.walk(ast.parse(source))
               if isinstance(node, ast.FunctionDef) and node.name == "pav_l2_row")
     lines = source.splitlines(keepends=True)
-    body = "".join(lines[fn.lineno - 1:fn.end_lineno])
-    edited, count = re.subn(r"values\[top - 1\] < values\[top\]",
-                            "values[top - 1] <= values[top]", body)
-    if count != 1:
-        first = fn.body[1] if isinstance(fn.body[0], ast.Expr) and len(fn.body) > 1 \
-            else fn.body[0]
-        arg = fn.args.args[0].arg
-        indent = " " * first.col_offset
-        lines.insert(first.lineno - 1, f"{indent}{arg} = -{arg}\n")
-        edited_source = "".join(lines)
-    else:
-        edited_source = "".join(lines[:fn.lineno - 1]) + edited + "".join(lines[fn.end_lineno:])
+    first = fn.body[1] if isinstance(fn.body[0], ast.Expr) and len(fn.body) > 1 else fn.body[0]
+    arg = fn.args.args[0].arg
+    lines.insert(first.lineno - 1, f"{' ' * first.col_offset}{arg} = -{arg}\n")
+    edited_source = "".join(lines)
     assert edited_source != source
     path.write_text(edited_source)
 

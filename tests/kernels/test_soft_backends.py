@@ -230,6 +230,155 @@ def test_several_blocks(backend, config):
     check_soft(backend, 5, "float64", config, seed=4, rows=1000)
 
 
+# --- kinks: the pooled side (DESIGN.md "Kinks") ----------------------------------------------------
+# At a kink (equal neighbouring PAV blocks, e.g. integer data at eps = 1) the VJP is the pooled
+# side's; equal blocks over tied inputs (a mask saturated at 1 or 0 over ties) stay apart.
+# Before, equal blocks never pooled: every kink below gave the unpooled side (often all zeros).
+
+def _vjp(backend, fwd, vjp, x, g, fargs, vargs):
+    values, perm, ids = backend.call(OP, fwd, x, *fargs)
+    residuals = (values, perm, ids) if fwd == "soft_rank_rows" else (perm, ids)
+    return values, perm, ids, backend.call(OP, vjp, g, x, *residuals, *vargs)
+
+
+# (config, x, eps, expected block ids, d): one row at a kink; d a direction that turns the
+# equality into a strict violation (the pooled side) -- along -d the blocks stay apart
+_KINKS = [
+    # soft_rank([5, 1, 2], eps=1): s = [5, 2, 1], s - rho = [2, 0, 0]
+    ("rank-l2-asc", [5.0, 1.0, 2.0], 1.0, [0, 1, 1], [0.0, 1.0, -1.0]),
+    # descending: s = [-1, -2, -5], s - rho = [-4, -4, -6]
+    ("rank-l2-desc", [5.0, 1.0, 2.0], 1.0, [0, 0, 1], [0.0, 1.0, -1.0]),
+    # eps = 2: s = [4, 1, 0], s - rho = [1, -1, -1]
+    ("rank-l2-asc", [8.0, 0.0, 2.0], 2.0, [0, 1, 1], [0.0, 1.0, 0.0]),
+    # evenly spaced: theta - s constant, every block equal
+    ("sort-l2-desc", [1.0, 3.0, 2.0], 1.0, [0, 0, 0], [0.0, 1.0, 0.0]),
+    ("sort-kl-desc", [1.0, 3.0, 2.0], 1.0, [0, 0, 0], [0.0, 1.0, 0.0]),
+    ("sort-l2-asc", [1.0, 3.0, 2.0], 1.0, [0, 0, 0], [-1.0, 0.0, 0.0]),
+    ("sort-kl-asc", [1.0, 0.0, 0.5], 2.0, [0, 0, 0], [0.0, -1.0, 0.0]),  # gaps 1 / eps
+    # mask k=1 at [10, 9]: x/eps - w_k = [9, 9, ...]: untied, equal: pooled
+    ("mask-k1", [10.0, 9.0, 0.0, 0.0, 0.0], 1.0, [0, 0, 1, 2, 3], [-1.0, 1.0, 0.0, 0.0, 0.0]),
+]
+
+
+def _kink_args(config, x, eps):
+    op, reg, extra = _parse(config)
+    if op == "mask":
+        k = _mask_k(extra, x.shape[-1])
+        return ("soft_top_k_mask_rows", (k, eps), "soft_top_k_mask_vjp_rows", (eps,),
+                lambda row: reference_soft_top_k_mask(row, k, eps),
+                lambda row: reference_soft_top_k_mask_jacobian(row, k, eps))
+    value_fn, jac_fn = {"rank": (reference_soft_rank, reference_soft_rank_jacobian),
+                        "sort": (reference_soft_sort, reference_soft_sort_jacobian)}[op]
+    return (f"soft_{op}_rows", (eps, reg, extra), f"soft_{op}_vjp_rows", (eps, reg, extra),
+            lambda row: value_fn(row, eps, reg, extra), lambda row: jac_fn(row, eps, reg, extra))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(_KINKS)))
+def test_kink_gives_the_pooled_side(backend, case, dtype):
+    """The blocks pool the equal neighbours; the VJP is g @ the oracle's (pooled) Jacobian and
+    nonzero; one-sided finite differences along d (into the pooled side) match it, those along
+    -d (the unpooled side) do not."""
+    config, x, eps, expected, d = _KINKS[case]
+    x, d = np.array([x], dtype), np.array(d)
+    fwd, fargs, vjp, vargs, value_fn, jac_fn = _kink_args(config, x, eps)
+    g = np.random.default_rng(case).normal(size=x.shape).astype(dtype)
+    _, _, ids, dx = _vjp(backend, fwd, vjp, x, g, fargs, vargs)
+    np.testing.assert_array_equal(ids[0], expected)
+    jac = jac_fn(x[0].astype(np.float64))
+    _assert_close(dx[0], g[0].astype(np.float64) @ jac, dtype, f"{config} vjp vs oracle")
+    assert np.abs(dx).max() > 1e-3
+    h = 1e-7
+    f0 = value_fn(x[0].astype(np.float64))
+    pooled = (value_fn(x[0] + h * d) - f0) / h
+    unpooled = (value_fn(x[0] - h * d) - f0) / -h
+    np.testing.assert_allclose(jac @ d, pooled, atol=1e-6)
+    assert np.abs(jac @ d - unpooled).max() > 1e-3
+    if backend.device:
+        cpu = cpu_result(OP, fwd, x, *fargs)
+        np.testing.assert_array_equal(ids, cpu[2])
+
+
+# Saturated ties: the mask is flat there, so its Jacobian is 0 (the blocks stay apart)
+_FLAT = [([5.0, 5.0, 0.0], 2, 1.0, [0, 1, 2]),
+         ([3.0, 0.0, 0.0], 1, 1.0, [0, 1, 2]),
+         ([10.0, 9.0, 0.0, 0.0, 0.0], 2, 1.0, [0, 1, 2, 3, 4]),
+         ([4.0, 4.0, 4.0, -2.0, -2.0], 3, 2.0, [0, 1, 2, 3, 4])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_saturated_ties_keep_a_zero_jacobian(backend, dtype):
+    """The tie exception: equal blocks over tied inputs saturated at 1 or 0 stay apart and the
+    mask's Jacobian is 0 there, also next to a kink that pools ([10, 9, 0, 0, 0], k = 1:
+    10 / 1 - 1 == 9 / 1 pool, the pooled side; the tied zeros stay flat)."""
+    for x, k, eps, expected in _FLAT + [([10.0, 9.0, 0.0, 0.0, 0.0], 1, 1.0, [0, 0, 1, 2, 3])]:
+        x = np.array([x], dtype)
+        g = np.random.default_rng(k).normal(size=x.shape).astype(dtype)
+        mask, _, ids, dx = _vjp(backend, "soft_top_k_mask_rows", "soft_top_k_mask_vjp_rows",
+                                x, g, (k, eps), (eps,))
+        np.testing.assert_array_equal(mask[0], (np.arange(x.shape[1]) < k).astype(dtype))
+        np.testing.assert_array_equal(ids[0], expected)
+        jac = reference_soft_top_k_mask_jacobian(x[0], k, eps)
+        _assert_close(dx[0], g[0].astype(np.float64) @ jac, dtype, f"mask {x} k={k}")
+        flat = slice(None) if expected[1] == 1 else slice(2, None)  # the tied, saturated ones
+        np.testing.assert_array_equal(dx[0, flat], 0.0)
+        np.testing.assert_array_equal(jac[:, flat], 0.0)
+        np.testing.assert_array_equal(jac[flat, :], 0.0)
+        if flat != slice(None):
+            assert np.abs(dx[0, :2]).min() > 1e-3  # the pooled pair
+
+
+def _integer_rows(config, n, rows, seed):
+    """Integer-valued rows. Rank and mask: integers in [-m, m] (m = 3, or n for longer
+    rows), every other row doubled (kinks at eps = 1 and 2). Soft sort (distinct values: its
+    VJP at tied inputs follows the backend's order of ties): every other row a permutation of
+    n consecutive integers (theta - s constant at eps = 1: one kink through the whole row),
+    the others with gaps of 1 and 2 (theta - s rises: everything pools, no kink)."""
+    rng = np.random.default_rng(seed)
+    if config.startswith("sort"):
+        steps = rng.integers(1, 3, size=(rows, n))
+        steps[0::2] = 1
+        return np.stack([rng.permutation(r) for r in np.cumsum(steps, axis=1) - n]).astype(float)
+    m = 3 if n <= 7 else n
+    x = rng.integers(-m, m + 1, size=(rows, n))
+    x[1::2] *= 2
+    return x.astype(float)
+
+
+@over_backends("n", simulator=[7], emulator=[7, 40])
+@pytest.mark.parametrize("eps", [1.0, 2.0])
+def test_integer_data_vjp_matches_the_oracle(backend, n, eps):
+    """Integer-valued rows at eps = 1 and 2, every configuration (L2 and KL, both orders, the
+    mask): the VJP is g @ the oracle's Jacobian (the pooled side at every kink, tied saturated
+    mask entries flat), on every backend. The rows hold kinks (the finest-partition blocks, the
+    old convention, differ on some row) wherever integer data can have them."""
+    from sortgrad.testing import oracles
+    for config in CONFIGS:
+        x = _integer_rows(config, n, 12, n + int(eps))
+        op, reg, extra = _parse(config)
+        fwd, fargs, vjp, vargs, _, jac_fn = _kink_args(config, x, eps)
+        g = np.random.default_rng(n).normal(size=x.shape)
+        _, _, ids, dx = _vjp(backend, fwd, vjp, x, g, fargs, vargs)
+        kinks = 0
+        for r in range(x.shape[0]):
+            _assert_close(dx[r], g[r] @ jac_fn(x[r]), "float64", f"{config} row {r} vs oracle")
+            if op == "mask":
+                s = np.sort(x[r])[::-1] / eps
+                w = (np.arange(n) < fargs[0]).astype(float)
+            elif op == "rank":
+                s = np.sort((-x[r] if extra else x[r]) / eps)[::-1]
+                w = np.arange(n, 0, -1.0) if reg == "l2" else np.log(np.arange(n, 0, -1.0))
+            else:
+                s, w = np.arange(n, 0, -1.0) / eps, np.sort(x[r] if extra else -x[r])[::-1]
+            finest = oracles.reference_isotonic(s, w, reg or "l2", pool_ties=False)[1]
+            kinks += not np.array_equal(finest, ids[r])
+        # no kinks: KL ranks (block values log(sum e^s / sum rho)), masks with k = 0 or n
+        # (equal values only over ties), the soft sort at eps = 2 (integer gaps > 1 / eps)
+        if not (config.startswith("rank-kl") or config in ("mask-k0", "mask-kn")
+                or (op == "sort" and eps == 2.0)):
+            assert kinks > 0, f"{config}: the rows should hold kinks"
+
+
 # --- out= (the row-function protocol), streams ----------------------------------------------------
 
 @_NAN_ROWS_WARN

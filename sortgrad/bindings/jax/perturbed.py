@@ -4,8 +4,10 @@ The smoothed selection P(x) = E_Z[Y(x + sigma Z)], Z ~ N(0, I), of the hard top-
 matrix Y, estimated by Monte Carlo with `num_samples` Gaussian draws. The forward pass runs all
 draws through ONE batched call of `sortgrad.top_k` (one host callback per evaluation) and
 averages the one-hot selections by an integer scatter-add of counts (no (S, k, n) one-hot is
-ever built). The backward pass is the Gaussian perturbation (score-function / Stein) estimator
-on the same draws, with a sample-mean baseline; it needs no further top-k call.
+ever built). The derivative is the Gaussian perturbation (score-function / Stein) estimator
+on the same draws, with a sample-mean baseline, defined as a JVP (linear in the tangent, a
+scatter-add of the centred projections <z_s, dx>) that JAX transposes for reverse mode; it
+needs no further top-k call.
 """
 
 from __future__ import annotations
@@ -183,7 +185,10 @@ def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0
     E[Z] = 0, so E[f Z] = Cov(f, Z)). It is NOT the derivative of the piecewise-constant
     finite-sample forward (that is zero almost everywhere); it is the derivative of the smoothed
     objective that the forward estimates. `key` gets no gradient. The backward calls no top-k
-    (the selected indices are residuals). Works under jit, vmap (over x and/or key), grad.
+    (the selected indices are residuals). Forward mode gives the same linear map (jvp and vjp are
+    transposes; jacfwd equals jacrev); second derivatives are zero (the estimator's weights do
+    not depend on x given the draws). Works under jit, vmap (over x and/or key), grad, jvp,
+    jacfwd, hessian.
 
     Special values: if a row of x (along `axis`) contains a NaN, that row's whole (k, n) block
     of P is NaN, and so is its gradient (other rows are unaffected). +-inf entries are fine:

@@ -59,9 +59,12 @@ def isotonic_regression(s, w, *, regularization: str = "l2", out=None,
     Returns:
       (solution, block_ids): solution in s's float dtype (float32 for 16-bit input), block_ids
       int32 numbering the pooled runs of each row 0, 1, ... from the left. Sums are accumulated
-      in float64. Only strict violations are pooled: equal neighbours stay separate blocks (same
-      solution; the finest block partition, which sets the VJP at ties). A NaN in a row makes that row's
-      solution unspecified (it never affects other rows). The inputs are never modified.
+      in float64. Ties and kinks: neighbouring blocks pool on a violation and on exact equality
+      of their values (KL: of the compared sums), so the blocks are the maximal runs of equal
+      solution values. At a kink (where the block structure changes, e.g. integer data) the
+      VJP is then that of the pooled side, nonzero wherever either one-sided derivative is
+      (DESIGN.md "Kinks"). A NaN in a row makes that row's solution unspecified (it never
+      affects other rows). The inputs are never modified.
 
     Device backends ("cupy", "numba"; `stream` selects the stream, None the current one) take
     C-contiguous float32/float64 device arrays (cast 16-bit input first), w of s's dtype.

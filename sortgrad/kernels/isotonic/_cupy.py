@@ -2,8 +2,10 @@
 
 The kernels are CUDA C in `isotonic.cu` (compiled with NVRTC by `.._cuda.cupy_loader`); its
 header comment describes the algorithms. Semantics are those of `_cpu.py`, the reference:
-strict-violation pooling (equal neighbouring blocks stay apart), float64 block accumulators,
-the running-min clamp of block values, int32 block ids from 0 at the left of each row. KL uses
+pooling on value(left) <= value(right) (equal neighbours pool: the pooled side of a kink; with
+the soft ops' tie keys, equal blocks whose keys are all tied stay apart), float64 block
+accumulators, the running-min clamp of block values, int32 block ids from 0 at the left of
+each row. KL uses
 max-shifted log-sum-exp accumulators for every row (the CPU switches to linear sums when a
 row's spread of exponents allows): values agree to float64 rounding, block ids wherever no two
 neighbouring block values tie to rounding.
@@ -74,10 +76,12 @@ def plan(rows: int, n: int, regularization: str, sm_count: int, entry_bytes: int
 
 # --- the backend functions ----------------------------------------------------------------
 
-def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
+def isotonic_rows(s, w, regularization: str, *, out=None, stream=None, keys=None):
     """s (rows, n), w (rows, n) or (1, n) of s's dtype (float32/float64, C-contiguous CuPy
     arrays) -> (solution of s's dtype, int32 block ids), both (rows, n). `out`: those two
-    arrays to write (returned); the kernels write them directly."""
+    arrays to write (returned); the kernels write them directly. `keys` (the soft ops only):
+    (rows, n) sorted input values of s's dtype; equal neighbouring blocks whose keys are all
+    tied then stay apart (`_cpu.pools`). None: every equality pools."""
     _check_regularization(regularization)
     xp = _loader.xp()
     rows, n = (int(d) for d in s.shape)
@@ -91,7 +95,12 @@ def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
         _check_rows(rows)
         entry = _FWD_ACC_BYTES[regularization]
         kind, grid, extra = plan(rows, n, regularization, _loader.multiprocessor_count(), entry)
-        common = (s, w, _w_stride(w, rows, n), solution, block_ids)
+        use_keys = keys is not None
+        if use_keys and (tuple(keys.shape) != (rows, n) or keys.dtype != s.dtype):
+            raise ValueError(f"keys must be ({rows}, {n}) of dtype {s.dtype}, got "
+                             f"{tuple(keys.shape)} {keys.dtype}")
+        common = (s, w, _w_stride(w, rows, n), keys if use_keys else s, np.int32(use_keys),
+                  solution, block_ids)
         if kind == "small":
             args = common + (np.int32(rows), np.int32(n), np.int32(extra))
         else:

@@ -1,7 +1,9 @@
 """Numba CUDA backend of the decreasing isotonic regression (PAV) and its VJP, per row.
 
-Same results as `_cpu.py` (the reference): strict-violation pooling (equal neighbouring blocks
-stay apart), the running-min clamp of block values, KL on linear sums when the row's spread of
+Same results as `_cpu.py` (the reference): pooling on value(left) <= value(right) (equal
+neighbours pool: the pooled side of a kink; with the soft ops' tie `keys`, equal blocks whose
+keys are all tied stay apart, `_cpu.pools`), the running-min clamp of block values, KL on
+linear sums when the row's spread of
 exponents is below `LINEAR_KL_SPREAD` and on max-shifted log-sum-exp accumulators otherwise,
 block sums accumulated in float64 for float32 and float64 input alike.
 
@@ -25,8 +27,9 @@ Forward (`isotonic_rows`):
      starting at a is found at head[a - 1]. Pooling never moves data: the left block absorbs
      the right one and the right one's count becomes 0.
   4. Tree merge of adjacent chunks (log2 G levels, a barrier each): the right stack's blocks
-     are pushed onto the left stack from the bottom up, pooling as PAV does, until one is not
-     a strict violation (the rest of the right stack is then already in order). Pooling the
+     are pushed onto the left stack from the bottom up, pooling as PAV does, until one does
+     not pool (the rest of the right stack is then already in order: the test depends on the
+     two neighbouring blocks only). Pooling the
      blocks of sub-PAVs and pooling again is exact: the final blocks are unions of sub-blocks.
   5. Each thread turns the blocks starting in its chunk into values, then a group scan gives
      every thread the number of blocks and the minimum block value left of its chunk: block
@@ -171,16 +174,36 @@ def _forward_body(kl: bool, out_type):
 
     @cuda.jit(device=True)
     def lse_value(fa, p):
-        return (fa[0, p] + math.log(fa[1, p])) - (fa[2, p] + math.log(fa[3, p]))
+        # as _cpu.kl_value: (max s - max w) + (log z_s - log z_w)
+        return (fa[0, p] - fa[2, p]) + (math.log(fa[1, p]) - math.log(fa[3, p]))
 
     @cuda.jit(device=True)
-    def violates(fa, ia, base, p, q, linear):
-        """value(block at p) < value(block at q): a strict violation (p left of q)."""
+    def violates(fa, ia, base, p, q, linear, keys, row, use_keys):
+        """Whether the block at p pools with its right neighbour at q, as `_cpu.pools`:
+        value(p) < value(q), or equal values (KL linear: equal products of sums, two
+        singletons by their exact values), unless
+        `use_keys` and the keys over both blocks are tied (keys[row, p] == keys[row, last
+        entry of q's block])."""
         if kl:
-            if linear:
-                return fa[0, base + p] * fa[1, base + q] < fa[0, base + q] * fa[1, base + p]
-            return lse_value(fa, base + p) < lse_value(fa, base + q)
-        return fa[0, base + p] / ia[0, base + p] < fa[0, base + q] / ia[0, base + q]
+            if linear and ia[0, base + p] == 1 and ia[0, base + q] == 1:
+                vl = fa[2, base + p]  # two singletons: their exact values s - w, as _cpu
+                vr = fa[2, base + q]
+            elif linear:
+                vl = fa[0, base + p] * fa[1, base + q]
+                vr = fa[0, base + q] * fa[1, base + p]
+            else:
+                vl = lse_value(fa, base + p)
+                vr = lse_value(fa, base + q)
+        else:
+            vl = fa[0, base + p] / ia[0, base + p]
+            vr = fa[0, base + q] / ia[0, base + q]
+        if vl < vr:
+            return True
+        if vl == vr:
+            if not use_keys:
+                return True
+            return keys[row, p] != keys[row, q + ia[0, base + q] - 1]
+        return False
 
     @cuda.jit(device=True)
     def pool(fa, ia, base, p, q, linear):
@@ -198,12 +221,12 @@ def _forward_body(kl: bool, out_type):
                 fa[1, base + p] += fa[1, base + q]
 
     @cuda.jit(device=True)
-    def pool_left(fa, ia, base, lo, top, linear):
-        """Pools the block at `top` with the blocks below it while they violate; returns its
+    def pool_left(fa, ia, base, lo, top, linear, keys, row, use_keys):
+        """Pools the block at `top` with the blocks below it while they pool; returns its
         start. Blocks below `lo` are out of reach (another thread's range)."""
         while top > lo:
             p = ia[1, base + top - 1]
-            if not violates(fa, ia, base, p, top, linear):
+            if not violates(fa, ia, base, p, top, linear, keys, row, use_keys):
                 break
             pool(fa, ia, base, p, top, linear)
             top = p
@@ -219,14 +242,16 @@ def _forward_body(kl: bool, out_type):
                     return fa[2, base + a]
                 return fa[0, base + a] - fa[2, base + a]  # its untouched (s, 1, w, 1)
             if linear:
-                return ((math.log(fa[0, base + a]) + smax)
-                        - (math.log(fa[1, base + a]) + wmax))
+                return ((smax - wmax)
+                        + (math.log(fa[0, base + a]) - math.log(fa[1, base + a])))
             return lse_value(fa, base + a)
         return fa[0, base + a] / c
 
     @cuda.jit(device=True)
-    def body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, base, sh_f, sh_i):
-        """PAV of row `row` (length m; 0 for an idle group) by the group's g threads."""
+    def body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, base, sh_f, sh_i, keys,
+             use_keys):
+        """PAV of row `row` (length m; 0 for an idle group) by the group's g threads; `keys`
+        (rows, n) are read only when `use_keys`."""
         inf = math.inf
         linear = False
         smax = 0.0
@@ -280,7 +305,7 @@ def _forward_body(kl: bool, out_type):
             hi = m
         for i in range(lo, hi):
             ia[0, base + i] = 1
-            top = pool_left(fa, ia, base, lo, i, linear)
+            top = pool_left(fa, ia, base, lo, i, linear, keys, row, use_keys)
             ia[1, base + top + ia[0, base + top] - 1] = top
         cuda.syncthreads()
 
@@ -296,11 +321,12 @@ def _forward_body(kl: bool, out_type):
                 if mid < end:
                     top = ia[1, base + mid - 1]  # top of the left stack
                     nxt = mid                     # bottom of the right stack
-                    while nxt < end and violates(fa, ia, base, top, nxt, linear):
+                    while nxt < end and violates(fa, ia, base, top, nxt, linear, keys, row,
+                                                 use_keys):
                         after = nxt + ia[0, base + nxt]
                         pool(fa, ia, base, top, nxt, linear)
                         nxt = after
-                        top = pool_left(fa, ia, base, lo, top, linear)
+                        top = pool_left(fa, ia, base, lo, top, linear, keys, row, use_keys)
                     ia[1, base + top + ia[0, base + top] - 1] = top
             cuda.syncthreads()
             step *= 2
@@ -368,7 +394,8 @@ def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, c
 
     if shared:
         @cuda.jit
-        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g, keys,
+                   use_keys):
             tid = cuda.threadIdx.x
             g = 1 << log_g
             lane = tid & (g - 1)
@@ -380,10 +407,12 @@ def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, c
             sh_i = cuda.shared.array((1, block), numba.int32)
             fa = cuda.shared.array((floats, capacity), numba.float64)
             ia = cuda.shared.array((_FWD_INTS, capacity), numba.int32)
-            body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, group * n, sh_f, sh_i)
+            body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa, ia, group * n, sh_f, sh_i,
+                 keys, use_keys)
     else:
         @cuda.jit
-        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g):
+        def kernel(s, w, sol, blk, rows, n, log_g, chunk, w_shared, fa_g, ia_g, keys,
+                   use_keys):
             tid = cuda.threadIdx.x
             g = 1 << log_g
             lane = tid & (g - 1)
@@ -398,7 +427,7 @@ def _forward_kernel(dtype: str, regularization: str, shared: bool, block: int, c
                 m = n if row < rows else 0
                 wr = 0 if w_shared else row
                 body(s, w, sol, blk, row, wr, m, g, lane, tid, chunk, fa_g, ia_g, base, sh_f,
-                     sh_i)
+                     sh_i, keys, use_keys)
                 cuda.syncthreads()  # the slot and the scan arrays are reused
                 first += cuda.gridDim.x * per_block
 
@@ -644,17 +673,24 @@ def _outputs(out, shape, dtypes, kind, stream):
     return new, tuple(ns.like_input(a, kind) for a in new)
 
 
-def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
+def isotonic_rows(s, w, regularization: str, *, out=None, stream=None, keys=None):
     """Decreasing isotonic regression of each row, as `_cpu.isotonic_rows`.
 
     s: C-contiguous (rows, n) float32/float64 device array; w: s's dtype, (rows, n) or (1, n)
     shared by every row; regularization "l2" or "kl". Returns (solution of s's dtype, int32
     block ids numbering the pooled runs 0, 1, ... from the left): the arrays given in `out`
     (written directly by the kernel) or new device arrays of s's kind, computed on `stream`
-    without synchronising.
+    without synchronising. `keys` (the soft ops only): (rows, n) sorted input values of s's
+    dtype; equal neighbouring blocks whose keys are all tied then stay apart (`_cpu.pools`).
+    None: every equality pools.
     """
     s_dev, kind = ns.as_device(s)
     w_dev, _ = ns.as_device(w)
+    keys_dev = s_dev if keys is None else ns.as_device(keys)[0]
+    if keys is not None and (tuple(keys_dev.shape) != tuple(s_dev.shape)
+                             or keys_dev.dtype != s_dev.dtype):
+        raise ValueError(f"keys must have the shape and dtype of s {tuple(s_dev.shape)} "
+                         f"{s_dev.dtype}, got {tuple(keys_dev.shape)} {keys_dev.dtype}")
     rows, n = (int(d) for d in s_dev.shape)
     dtype = np.dtype(s_dev.dtype)
     stream = ns.resolve_stream(stream, s)
@@ -667,7 +703,8 @@ def isotonic_rows(s, w, regularization: str, *, out=None, stream=None):
         grid, (fa, ia) = _grid_and_scratch(shared, (floats, _FWD_INTS), rows, n, r, kind,
                                            stream)
         kernel[grid, block, stream](s_dev, w_dev, sol, blk, rows, n, log_g, chunk,
-                                    int(w_dev.shape[0]) == 1, fa, ia)
+                                    int(w_dev.shape[0]) == 1, fa, ia, keys_dev,
+                                    keys is not None)
     return result
 
 

@@ -4,15 +4,19 @@
 // Semantics: those of isotonic/_cpu.py, the reference.
 //   * Decreasing fit: v_1 >= ... >= v_n. A pooled block B takes
 //       L2: mean(s_B - w_B)        KL: logsumexp(s_B) - logsumexp(w_B)  (max-shifted).
-//   * Only strict violations are pooled (value(left) < value(right)); neighbours of equal value
-//     stay separate blocks (the finest partition, which sets the VJP at ties).
+//   * Neighbours are pooled on a violation and on equality, value(left) <= value(right) (the
+//     pooled side of a kink, DESIGN.md "Kinks"; exact float comparisons), see `pools`. The
+//     soft ops (soft.cu's compositions) may pass the sorted input values as tie keys: then two
+//     equal neighbouring blocks whose keys are all tied (key at the left block's start ==
+//     key at the right block's last entry; the rows are sorted descending) stay apart.
 //   * Block accumulators are float64 for float and double input alike. A singleton's value is
 //     s - w exactly (log(1) == 0 in the KL formula).
 //   * float32 in and out as on the CPU, subnormals included, although CuPy compiles with
 //     -ftz=true: every float32 load is widened with widen(), every float32 result narrowed with
 //     Narrow<T>::of() (sortgrad_float.cuh: through the bits), all arithmetic is float64.
-//   * Clamp: the solution is the running minimum of the block values from the left, so rounding
-//     of equal-valued neighbouring blocks can never break monotonicity.
+//   * Clamp: the solution is the running minimum of the block values from the left (the stacks
+//     compare the values they store, so it changes nothing unless a value is recomputed; kept
+//     as the CPU keeps it).
 //   * Block ids: int32, the pooled runs of a row numbered 0, 1, ... from the left
 //     (= prefix count of block starts - 1).
 //   * VJP, per maximal run B of equal block ids (ids are never used as indices: any int32
@@ -20,7 +24,8 @@
 //     grad_s = softmax(s_B) sum_B(g), grad_w = -softmax(w_B) sum_B(g), max-shifted.
 //   Block sums are associated in a different order than on the CPU (tree instead of left to
 //   right), so results agree to float64 rounding; block ids agree except where two
-//   neighbouring block values tie to rounding.
+//   neighbouring block values tie to rounding. The pooling test depends on the two blocks
+//   only (values and extents), so the stack arguments below hold for it as for a plain <.
 //
 // Launch mapping (every kernel: blocks of BLOCK = 256 threads; every thread of a block takes
 // part in every barrier; idle threads see empty chunks):
@@ -141,7 +146,7 @@ template <> struct Pav<0> {  // L2: value = sum(s - w) / count
   }
 };
 
-template <> struct Pav<1> {  // KL: value = (ms + log ss) - (mw + log sw)
+template <> struct Pav<1> {  // KL: value = (ms - mw) + (log ss - log sw), as _cpu.kl_value
   static constexpr int ITEMS = ITEMS_KL;
   struct Acc {
     double ms, ss, mw, sw;
@@ -162,7 +167,7 @@ template <> struct Pav<1> {  // KL: value = (ms + log ss) - (mw + log sw)
     return a;
   }
   static __device__ __forceinline__ double value(const Acc& a, int) {
-    return (a.ms + log(a.ss)) - (a.mw + log(a.sw));
+    return (a.ms - a.mw) + (log(a.ss) - log(a.sw));
   }
 };
 
@@ -292,6 +297,17 @@ __device__ __forceinline__ MinCount min_count(double v, int c) {
   return r;
 }
 
+// Whether PAV pools the neighbouring blocks L = [a, m) (value vl) and R = [m, e) (value vr):
+// on a violation vl < vr and on equality (the pooled side of a kink), except, with tie keys
+// (`keys` not null; indices relative to it), at equality of blocks whose keys are all tied:
+// keys[a] == keys[e - 1] (widened through the bits: no flush to zero under -ftz=true).
+template <class T>
+__device__ __forceinline__ bool pools(double vl, double vr, const T* keys, i64 a, i64 e) {
+  if (vl < vr) return true;
+  if (!(vl == vr)) return false;
+  return keys == nullptr || widen(keys[a]) != widen(keys[e - 1]);
+}
+
 struct SumOp {
   __device__ __forceinline__ int operator()(int a, int b) const { return a + b; }
 };
@@ -302,12 +318,13 @@ struct MinOp {
 // --- forward building blocks (tile-local positions; a tile's arrays in shared memory) -------
 
 // PAV over the chunk [a, e), whose entries' leaf accumulators are staged in acc[a, e): pushes
-// each entry as a block and pools while the block below is strictly smaller. The top block
-// stays in registers until the next push; spills go to positions already read.
+// each entry as a block and pools while `pools` says so (keys: the tile's tie keys or null).
+// The top block stays in registers until the next push; spills go to positions already read.
 // Postcondition: the chunk's blocks satisfy the storage invariant (end/begin/acc at their
 // extents, end[p] = -1 for every other p in [a, e)) and their values do not increase.
-template <class P>
-__device__ void chunk_pav(int a, int e, typename P::Acc* acc, int* end, int* begin) {
+template <class P, class T>
+__device__ void chunk_pav(int a, int e, typename P::Acc* acc, int* end, int* begin,
+                          const T* keys) {
   typedef Block<typename P::Acc> B;
   if (a >= e) return;
   B cur = make_block<P>(acc[a], 1);
@@ -321,7 +338,7 @@ __device__ void chunk_pav(int a, int e, typename P::Acc* acc, int* end, int* beg
     while (cs > a) {
       const int bs = begin[cs - 1];
       const B below = make_block<P>(acc[bs], cs - bs);
-      if (!(block_value<P>(below) < block_value<P>(cur))) break;
+      if (!pools(block_value<P>(below), block_value<P>(cur), keys, bs, p + 1)) break;
       end[cs] = -1;  // cs is no longer a block start
       cur = merge_blocks<P>(below, cur);
       cs = bs;
@@ -333,10 +350,11 @@ __device__ void chunk_pav(int a, int e, typename P::Acc* acc, int* end, int* beg
 }
 
 // Pools across the boundary m of two adjacent valid stacks [a, m) and [m, e): the block M
-// starting at m grows left while the block below is strictly smaller and right while the block
-// above is strictly larger, until neither holds. Everything else is untouched.
-template <class P>
-__device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, int* begin) {
+// starting at m grows left while it pools with the block below and right while it pools with
+// the block above, until neither holds. Everything else is untouched.
+template <class P, class T>
+__device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, int* begin,
+                           const T* keys) {
   typedef Block<typename P::Acc> B;
   int ms = m, me = end[m];
   B M = make_block<P>(acc[m], me - m);
@@ -344,7 +362,7 @@ __device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, 
     while (ms > a) {
       const int ls = begin[ms - 1];
       const B L = make_block<P>(acc[ls], ms - ls);
-      if (!(block_value<P>(L) < block_value<P>(M))) break;
+      if (!pools(block_value<P>(L), block_value<P>(M), keys, ls, me)) break;
       end[ms] = -1;
       M = merge_blocks<P>(L, M);
       ms = ls;
@@ -352,11 +370,11 @@ __device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, 
     if (me < e) {
       const int re = end[me];
       const B R = make_block<P>(acc[me], re - me);
-      if (block_value<P>(M) < block_value<P>(R)) {
+      if (pools(block_value<P>(M), block_value<P>(R), keys, ms, re)) {
         end[me] = -1;
         M = merge_blocks<P>(M, R);
         me = re;
-        continue;  // M grew: its left neighbour may now be smaller
+        continue;  // M grew: it may now pool with its left neighbour
       }
     }
     break;
@@ -367,21 +385,24 @@ __device__ void merge_pair(int a, int m, int e, typename P::Acc* acc, int* end, 
 }
 
 // Coalesced staging of the tile's leaves, chunk PAV, then the tree merge of a group's chunks
-// over a tile of `len` entries. Ends with a group barrier: afterwards every thread of the group
-// may read the tile's stack. The caller makes sure nobody still reads acc/end/begin.
+// over a tile of `len` entries (keys: the tile's tie keys, or null). Ends with a group barrier:
+// afterwards every thread of the group may read the tile's stack. The caller makes sure nobody
+// still reads acc/end/begin.
 template <class P, class T>
-__device__ void tile_pav(const T* s, const T* w, int lane, int group, int items, int len,
-                         typename P::Acc* acc, int* end, int* begin) {
+__device__ void tile_pav(const T* s, const T* w, const T* keys, int lane, int group, int items,
+                         int len, typename P::Acc* acc, int* end, int* begin) {
   for (int p = lane; p < len; p += group) acc[p] = P::leaf(s[p], w[p]);
   group_sync(group);
   const int a = imin(lane * items, len), e = imin(a + items, len);
-  chunk_pav<P>(a, e, acc, end, begin);
+  chunk_pav<P>(a, e, acc, end, begin, keys);
   group_sync(group);
   for (int span = 1; span < group; span <<= 1) {
     if ((lane & (2 * span - 1)) == 0) {
       const int lo = lane * items;
       const int mid = lo + span * items;
-      if (mid < len) merge_pair<P>(lo, mid, imin(mid + span * items, len), acc, end, begin);
+      if (mid < len) {
+        merge_pair<P>(lo, mid, imin(mid + span * items, len), acc, end, begin, keys);
+      }
     }
     group_sync(group);
   }
@@ -413,11 +434,13 @@ __device__ __forceinline__ void store_tile(const T (&out_v)[ITEMS], const int (&
 
 // Rows of n <= group * items: a group of `group` threads (a power of two <= BLOCK) per row,
 // BLOCK / group rows per block.
-// s, sol, ids: (rows, n) C-contiguous; w: rows of n at stride w_stride (0: one shared row).
+// s, sol, ids: (rows, n) C-contiguous; w: rows of n at stride w_stride (0: one shared row);
+// keys: (rows, n) tie keys, read only when use_keys != 0 (see `pools`).
 template <class T, int REG>
 __global__ void SG_LAUNCH_BOUNDS(BLOCK)
 isotonic_fwd_small(const T* __restrict__ s, const T* __restrict__ w, i64 w_stride,
-                   T* __restrict__ sol, int* __restrict__ ids, int rows, int n, int group) {
+                   const T* __restrict__ keys, int use_keys, T* __restrict__ sol,
+                   int* __restrict__ ids, int rows, int n, int group) {
   typedef Pav<REG> P;
   typedef typename P::Acc Acc;
   constexpr int items = P::ITEMS;
@@ -441,8 +464,9 @@ isotonic_fwd_small(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
   const T* w_row = w + row_c * w_stride;
   T* sol_row = sol + row_c * n;
   int* ids_row = ids + row_c * n;
+  const T* keys_row = use_keys ? keys + row_c * n : nullptr;
 
-  tile_pav<P>(s_row, w_row, lane, group, items, len, acc, end, begin);
+  tile_pav<P>(s_row, w_row, keys_row, lane, group, items, len, acc, end, begin);
 
   const int a = imin(lane * items, len), e = imin(a + items, len);
   MinCount agg = min_count(pos_inf(), 0);
@@ -477,7 +501,8 @@ isotonic_fwd_small(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
 template <class T, int REG>
 __global__ void SG_LAUNCH_BOUNDS(BLOCK)
 isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_stride,
-                   T* __restrict__ sol, int* __restrict__ ids,
+                   const T* __restrict__ keys, int use_keys, T* __restrict__ sol,
+                   int* __restrict__ ids,
                    typename Pav<REG>::Acc* __restrict__ scratch, int rows, int n) {
   typedef Pav<REG> P;
   typedef typename P::Acc Acc;
@@ -498,11 +523,13 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
     const T* w_row = w + row * w_stride;
     T* sol_row = sol + row * n;
     int* ids_row = ids + row * n;
+    const T* keys_row = use_keys ? keys + row * n : nullptr;  // row positions
     int nb = 0;  // stack size (uniform across the block)
 
     for (i64 t0 = 0; t0 < n; t0 += tile) {
       const int len = (int)((n - t0) < tile ? (n - t0) : tile);
-      tile_pav<P>(s_row + t0, w_row + t0, tid, BLOCK, items, len, acc, end, begin);
+      const T* keys_tile = use_keys ? keys_row + t0 : nullptr;  // tile positions
+      tile_pav<P>(s_row + t0, w_row + t0, keys_tile, tid, BLOCK, items, len, acc, end, begin);
 
       if (warp == 0) {
         // Pool the tile's bottom block M = [0, me) with the stack (left) and the tile (right).
@@ -515,8 +542,9 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
             const int k = top - lane;
             const bool valid = k >= 0;
             B Lk = M;
+            int start = 0;
             if (valid) {
-              const int start = ids_row[k];
+              start = ids_row[k];
               const int stop = (k + 1 < nb) ? ids_row[k + 1] : (int)t0;
               Lk = make_block<P>(stack[k], stop - start);
             }
@@ -527,7 +555,9 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
             }
             const B Pprev = shfl_up_v(Pj, 1, 32);
             const B Q = lane == 0 ? M : merge_blocks<P>(Pprev, M);  // M after pooling lane slots
-            const bool pool = valid && block_value<P>(Lk) < block_value<P>(Q);
+            // Q = [start of slot k + 1, t0 + me) in row positions
+            const bool pool = valid && pools(block_value<P>(Lk), block_value<P>(Q), keys_row,
+                                             (i64)start, t0 + me);
             const unsigned stop_mask = __ballot_sync(FULL, !pool);
             const int npool = stop_mask ? __ffs((int)stop_mask) - 1 : 32;
             if (npool > 0) {
@@ -539,7 +569,9 @@ isotonic_fwd_large(const T* __restrict__ s, const T* __restrict__ w, i64 w_strid
           if (me < len) {
             const int re = end[me];
             const B R = make_block<P>(acc[me], re - me);
-            if (block_value<P>(M) < block_value<P>(R)) {
+            // M starts at the lowest stack slot it pooled, else at the tile's start
+            const i64 ms = top + 1 < nb ? (i64)ids_row[top + 1] : t0;
+            if (pools(block_value<P>(M), block_value<P>(R), keys_row, ms, t0 + re)) {
               M = merge_blocks<P>(M, R);
               me = re;
               continue;

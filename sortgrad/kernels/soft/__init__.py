@@ -15,6 +15,13 @@ Contract shared by every function here:
   block_ids (int32) the pooled blocks of the isotonic solution, numbered 0, 1, ... in sorted
   order. perm and block_ids are the residuals the VJPs take; which of several tied entries
   comes first in perm is unspecified (tied entries always get identical values).
+- Kinks (DESIGN.md): where the isotonic solution changes its block structure (e.g. integer
+  data at eps = 1) the VJPs give the *pooled* side: PAV pools neighbouring blocks of exactly
+  equal value. Except: two equal blocks over tied sorted inputs (every input value in both
+  tied) stay apart, as no perturbation of x makes them violate (the sort re-orders ties): e.g.
+  a mask saturated at 1 or 0 over tied entries has a zero gradient there. The tie test reads
+  the sorted inputs the op perturbs: x/eps for the mask, the (signed) sorted x for the soft
+  sort; soft rank never needs it (tied inputs always pool there).
 - A row holding NaN or +-inf gives NaN in every value and gradient entry of that row only
   (its block_ids are 0).
 - Computed in float64 internally on the CPU. `out=` takes the result arrays to write (a tuple

@@ -6,6 +6,19 @@ All functions take C-contiguous rows (rows, n) of float32 or float64 and compute
 The sort runs on x itself: scaling by 1/eps > 0 (and negating, by sorting the other way) does
 not change which permutation sorts a row, only the order of ties, and tied entries always
 end up in one pooled block (or in blocks of equal value), so every output is tie-order free.
+
+Kinks (DESIGN.md): PAV pools equal neighbouring blocks (the pooled side), except two equal
+blocks whose sorted input values are all tied (`isotonic._cpu.pools` with `keys`): no
+perturbation of x makes those violate (the sort re-orders ties), so they are no kink. The keys
+are the sorted input values the op perturbs, not the PAV's own arguments:
+  - top-k mask: s = x[perm] / eps (PAV(s - w_k)); w_k has ties, so equal tied blocks occur in
+    exact arithmetic (saturated at 1 or 0) and must keep the gradient 0.
+  - soft sort: the sorted signed x (PAV(theta - s), PAV_KL(theta, s)); the PAV's s-argument
+    theta - s (or theta) is never tied. In exact arithmetic tied x give strictly decreasing
+    theta - s (no pooling); the keys keep it so where theta - s rounds to equal values.
+  - soft rank: no keys. Tied s give strictly *increasing* s - rho (and s - log rho), a strict
+    violation in exact arithmetic, so equal values over tied s can only come from rounding
+    and must pool (tied entries then share one block, and the pooled gradient is right).
 Residuals are the int32 sorting permutation `perm` and the int32 `block_ids` of the pooled
 blocks; nothing is recomputed with tolerances. A row holding NaN or +-inf gives NaN in every
 output (and gradient) entry of that row only.
@@ -22,7 +35,7 @@ import numpy as np
 
 from .._rows import map_row_chunks, row_parallel
 from ..isotonic._cpu import (LINEAR_KL_SPREAD, block_mean_row, block_softmax_sum_row,
-                           pav_kl_row, pav_l2_row, pav_ratio_blocks)
+                             no_keys, pav_kl_row, pav_l2_row, pav_ratio_blocks)
 from .._keys import key_spec
 from ..segmented_sort._cpu import RADIX_MIN_N, argsort_rows_by_key
 from ..._validate import COMPUTE_FLOAT_DTYPES
@@ -67,9 +80,9 @@ def _fill_nan(row):
 # --- soft rank ------------------------------------------------------------------------------
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _rank_kl_linear(s, perm_row, ranks_row, block_row):
+def _rank_kl_linear(s, log_rho, perm_row, ranks_row, block_row):
     """KL ranks without logs: with e = exp(s - s_0) and rho, block B has
-    r_i = exp(s_i - v_B) = e_i * sum(rho_B) / sum(e_B)."""
+    r_i = exp(s_i - v_B) = e_i * sum(rho_B) / sum(e_B) (singletons compared as s - log rho)."""
     n = s.shape[0]
     e = np.empty(n, dtype=np.float64)
     rho = np.empty(n, dtype=np.float64)
@@ -79,7 +92,7 @@ def _rank_kl_linear(s, perm_row, ranks_row, block_row):
     sum_e = np.empty(n, dtype=np.float64)
     sum_rho = np.empty(n, dtype=np.float64)
     counts = np.empty(n, dtype=np.int64)
-    top = pav_ratio_blocks(e, rho, sum_e, sum_rho, counts)
+    top = pav_ratio_blocks(e, rho, s, log_rho, no_keys(), sum_e, sum_rho, counts)
     i = 0
     for k in range(top + 1):
         factor = sum_rho[k] / sum_e[k]
@@ -103,15 +116,15 @@ def _rank_fwd(x, perm, scale, kl, log_rho, ranks, blocks):
             blocks[r, :] = 0
             continue
         if kl and s[0] - s[n - 1] < LINEAR_KL_SPREAD:
-            _rank_kl_linear(s, perm[r], ranks[r], blocks[r])
+            _rank_kl_linear(s, log_rho, perm[r], ranks[r], blocks[r])
         elif kl:
-            pav_kl_row(s, log_rho, sol, blocks[r])
+            pav_kl_row(s, log_rho, no_keys(), sol, blocks[r])
             for i in range(n):
                 ranks[r, perm[r, i]] = math.exp(s[i] - sol[i])
         else:
             for i in range(n):
                 y[i] = s[i] - (n - i)
-            pav_l2_row(y, sol, blocks[r])
+            pav_l2_row(y, no_keys(), sol, blocks[r])
             for i in range(n):
                 ranks[r, perm[r, i]] = s[i] - sol[i]
 
@@ -180,11 +193,12 @@ def soft_rank_vjp_rows(g, x, ranks, perm, blocks, eps: float, regularization: st
 @row_parallel
 def _sort_fwd(x, perm, sign, inv_eps, kl, out, blocks):
     """s = sign * x[perm] (descending), theta = rho / eps; L2: v = PAV(theta - s);
-    KL: v = PAV_KL(theta, s); out = sign * (theta - v), in sorted order."""
+    KL: v = PAV_KL(theta, s); out = sign * (theta - v), in sorted order. The tie keys are s."""
     rows, n = x.shape
     for r in numba.prange(rows):
         s = np.empty(n, dtype=np.float64)
         theta = np.empty(n, dtype=np.float64)
+        y = np.empty(n, dtype=np.float64)
         sol = np.empty(n, dtype=np.float64)
         if not _sorted_row(x[r], perm[r], sign, s):
             _fill_nan(out[r])
@@ -193,11 +207,11 @@ def _sort_fwd(x, perm, sign, inv_eps, kl, out, blocks):
         for i in range(n):
             theta[i] = (n - i) * inv_eps
         if kl:
-            pav_kl_row(theta, s, sol, blocks[r])
+            pav_kl_row(theta, s, s, sol, blocks[r])
         else:
             for i in range(n):
-                s[i] = theta[i] - s[i]
-            pav_l2_row(s, sol, blocks[r])
+                y[i] = theta[i] - s[i]
+            pav_l2_row(y, s, sol, blocks[r])
         for i in range(n):
             out[r, i] = sign * (theta[i] - sol[i])
 
@@ -247,8 +261,8 @@ def soft_sort_vjp_rows(g, x, perm, blocks, eps: float, regularization: str, desc
 
 @row_parallel
 def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
-    """s = x[perm] / eps (descending); v = PAV(s - w_k), w_k = (1,..,1,0,..,0) with k ones;
-    mask[perm] = s - v (in [0, 1]; clipped against rounding)."""
+    """s = x[perm] / eps (descending); v = PAV(s - w_k), w_k = (1,..,1,0,..,0) with k ones,
+    tie keys s; mask[perm] = s - v (in [0, 1]; clipped against rounding)."""
     rows, n = x.shape
     for r in numba.prange(rows):
         s = np.empty(n, dtype=np.float64)
@@ -260,7 +274,7 @@ def _mask_fwd(x, perm, k, inv_eps, mask, blocks):
             continue
         for i in range(n):
             y[i] = s[i] - (1.0 if i < k else 0.0)
-        pav_l2_row(y, sol, blocks[r])
+        pav_l2_row(y, s, sol, blocks[r])
         for i in range(n):
             mask[r, perm[r, i]] = min(max(s[i] - sol[i], 0.0), 1.0)
 

@@ -7,17 +7,20 @@ are those of `_cpu.py`, the reference; every intermediate is float64, outputs of
             its values go to the values output, its permutation to the perm output)
             -> `soft_fwd_prep` (soft.cu): the isotonic inputs in float64 and a per-row "all
                finite" flag
-            -> `isotonic._cupy.isotonic_rows` (block ids written to the block_ids output)
+            -> `isotonic._cupy.isotonic_rows` (block ids written to the block_ids output; tie
+               keys as `_device_plan.tie_keys`: equal tied blocks of the mask / soft sort stay
+               apart, every other equality pools)
             -> `soft_finish` (soft.cu): the values (scattered through perm for rank and mask),
                NaN rows (block ids 0).
   backward: `soft_vjp_prep` (the cotangent gathered through perm, KL: the sorted scaled input)
             -> `isotonic._cupy.isotonic_vjp_rows` (L2: block mean; KL: block softmax-weighted
                sum) -> `soft_finish` (scatter through perm, scale, NaN rows).
 
-Scratch (from CuPy's pool on the launch stream): forward 2 float64 (rows, n) arrays (3 for KL
-soft sort), one float64 row of n and one int32 per row; backward 3 float64 (rows, n) arrays (4
-for KL; one fewer for float64 input, whose grad_w goes to the dx output it precedes) and one
-int32 per row; plus what the sort and isotonic kernels take. Nothing synchronises with the host.
+Scratch (from CuPy's pool on the launch stream): forward 2 float64 (rows, n) arrays (3 for the
+soft sort: sign * x_sorted, the tie keys and the KL w-argument), one float64 row of n and one
+int32 per row; backward 3 float64 (rows, n) arrays (4 for KL; one fewer for float64 input,
+whose grad_w goes to the dx output it precedes) and one int32 per row; plus what the sort and
+isotonic kernels take. Nothing synchronises with the host.
 
 KL soft rank runs the isotonic KL kernel on every row (the CPU takes a linear path for rows of
 small spread, `LINEAR_KL_SPREAD`): values agree to float64 rounding.
@@ -33,7 +36,7 @@ import numpy as np
 
 from .._cuda import cupy_loader as _loader
 from . import _device_plan
-from ._device_plan import PREP_SORT_KL
+from ._device_plan import PREP_SORT_KL, PREP_WITH_B, tie_keys
 
 PACKAGE = "sortgrad.kernels.soft"
 SOURCE = "soft.cu"
@@ -102,7 +105,7 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
         # the sorted values are only read by prep: the values output holds them meanwhile
         _sort().sort_rows(x, descending_sort, out=(values, perm), stream=stream)
         a = xp.empty((rows, n), dtype=np.float64)
-        b = xp.empty((rows, n), dtype=np.float64) if prep_mode == PREP_SORT_KL else a
+        b = xp.empty((rows, n), dtype=np.float64) if prep_mode in PREP_WITH_B else a
         wrow = xp.empty((1, n), dtype=np.float64)
         flag = xp.empty((rows,), dtype=np.int32)
         _launch("soft_fwd_prep", dtype, grid,
@@ -110,7 +113,8 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
                  np.int32(prep_mode), np.float64(scale), np.float64(inv_eps), np.int32(k)))
         sol = xp.empty((rows, n), dtype=np.float64)
         w = b if prep_mode == PREP_SORT_KL else wrow
-        _isotonic().isotonic_rows(a, w, regularization, out=(sol, block_ids), stream=stream)
+        _isotonic().isotonic_rows(a, w, regularization, out=(sol, block_ids), stream=stream,
+                                  keys=tie_keys(prep_mode, a, b))
         _launch("soft_finish", dtype, grid,
                 (a, sol, perm, flag, values, block_ids, np.int32(1), np.int32(rows),
                  np.int32(n), np.int32(rpb), np.int32(fin_mode), np.float64(scale),

@@ -15,6 +15,22 @@ PREP_RANK_L2, PREP_RANK_KL, PREP_SORT_L2, PREP_SORT_KL, PREP_MASK = range(5)
 VJP_RANK_L2, VJP_RANK_KL, VJP_SORT_L2, VJP_SORT_KL = range(4)
 FIN_RANK_L2, FIN_RANK_KL, FIN_MASK, FIN_SORT, FIN_VJP_RANK, FIN_VJP_SORT = range(6)
 
+# The prep modes whose second output b (sign * x_sorted) is an array of its own (else b is a).
+PREP_WITH_B = (PREP_SORT_L2, PREP_SORT_KL)
+
+
+def tie_keys(prep_mode: int, a, b):
+    """The isotonic step's tie keys (`isotonic._cpu.pools`, as `soft/_cpu.py` passes them):
+    the sorted input values the op perturbs. Mask: a = x_sorted / eps (the PAV's s-argument);
+    soft sort: b = sign * x_sorted (the PAV's arguments theta - s, theta are never tied); soft
+    rank: None (tied s make s - rho strictly increasing, so equal values there only come from
+    rounding and must pool)."""
+    if prep_mode == PREP_MASK:
+        return a
+    if prep_mode in PREP_WITH_B:
+        return b
+    return None
+
 
 def row_functions(forward, backward):
     """(soft_rank_rows, soft_sort_rows, soft_top_k_mask_rows, soft_rank_vjp_rows,

@@ -6,7 +6,7 @@ dtype):
 
   forward:  `segmented_sort._numba_cuda.sort_rows` (the direction `_cpu.py` sorts in)
             -> prep kernel: the isotonic inputs in float64 and a per-row "all finite" flag
-            -> `isotonic._numba_cuda.isotonic_rows`
+            -> `isotonic._numba_cuda.isotonic_rows` (tie keys as `_device_plan.tie_keys`)
             -> finish kernel: the values (scattered through perm for rank and mask), block ids
                (0 on NaN rows), NaN rows.
   backward: prep kernel (the cotangent gathered through perm; KL: the sorted scaled input)
@@ -20,7 +20,7 @@ one row to a block with direct gathers / scatters in global memory. The constant
 level so that tests can lower them (the simulator runs every thread as a Python thread).
 
 Scratch from `numba_support.empty` (CuPy's pool for CuPy input): forward 2 float64 (rows, n)
-arrays (3 for KL soft sort), one float64 row and one int32 per row; backward 3 float64 (rows,
+arrays (3 for the soft sort), one float64 row and one int32 per row; backward 3 float64 (rows,
 n) arrays (4 for KL; one fewer for float64 input, whose unused grad_w goes to the dx output
 it precedes) and one int32 per row; plus what the sort and isotonic kernels take. Everything is
 launched on `stream` (None: the current stream of the input's library,
@@ -44,7 +44,8 @@ from .._cuda import numba_support as ns
 from . import _device_plan
 from ._device_plan import (FIN_MASK, FIN_RANK_KL, FIN_RANK_L2, FIN_SORT, FIN_VJP_RANK,
                            PREP_MASK, PREP_RANK_KL, PREP_RANK_L2, PREP_SORT_KL,
-                           PREP_SORT_L2, VJP_RANK_KL, VJP_RANK_L2, VJP_SORT_KL)
+                           PREP_SORT_L2, PREP_WITH_B, VJP_RANK_KL, VJP_RANK_L2, VJP_SORT_KL,
+                           tie_keys)
 
 DTYPES = ("float32", "float64")
 
@@ -69,8 +70,9 @@ def _geometry(rows: int, n: int, stage: int):
 
 @functools.lru_cache(maxsize=None)
 def _fwd_prep_kernel(mode: int, block: int, stage: int):
-    """Sorted values -> a (the isotonic s-argument), b (sort KL: its per-row w-argument), wrow
-    (the shared w-argument row) and flag[row] (1: a non-finite entry)."""
+    """Sorted values -> a (the isotonic s-argument), b (sort: sign * x_sorted, the tie keys and
+    for KL the per-row w-argument), wrow (the shared w-argument row) and flag[row] (1: a
+    non-finite entry)."""
 
     @cuda.jit
     def kernel(sorted_, a, b, wrow, flag, rows, n, rpb, scale, inv_eps, k):
@@ -105,6 +107,7 @@ def _fwd_prep_kernel(mode: int, block: int, stage: int):
             theta = np.float64(n - i) * inv_eps
             if mode == PREP_SORT_L2:
                 a[off + p] = theta - scale * x
+                b[off + p] = scale * x
             elif mode == PREP_SORT_KL:
                 a[off + p] = theta
                 b[off + p] = scale * x
@@ -316,7 +319,7 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
     # the sorted values are only read by prep: the values output holds them meanwhile
     _sort().sort_rows(x_dev, descending_sort, out=(values, perm), stream=stream_)
     a = ns.empty((rows, n), np.float64, kind, stream_)
-    b = ns.empty((rows, n), np.float64, kind, stream_) if prep_mode == PREP_SORT_KL else a
+    b = ns.empty((rows, n), np.float64, kind, stream_) if prep_mode in PREP_WITH_B else a
     wrow = ns.empty((1, n), np.float64, kind, stream_)
     flag = ns.empty((rows,), np.int32, kind, stream_)
     _fwd_prep_kernel(prep_mode, block, stage)[grid, block, stream_](
@@ -324,7 +327,8 @@ def _forward(x, out, stream, descending_sort: bool, prep_mode: int, fin_mode: in
         float(scale), float(inv_eps), int(k))
     sol = ns.empty((rows, n), np.float64, kind, stream_)
     w = b if prep_mode == PREP_SORT_KL else wrow
-    _isotonic().isotonic_rows(a, w, regularization, out=(sol, block_ids), stream=stream_)
+    _isotonic().isotonic_rows(a, w, regularization, out=(sol, block_ids), stream=stream_,
+                              keys=tie_keys(prep_mode, a, b))
     _finish_kernel(dtype.name, fin_mode, block, stage)[grid, block, stream_](
         ns.flat(a), ns.flat(sol), ns.flat(perm), flag, ns.flat(values), ns.flat(block_ids),
         ns.flat(block_ids), True, rows, n, rpb, float(scale), float(inv_eps))

@@ -49,8 +49,8 @@ constexpr int STAGE = BLOCK * ITEMS;  // entries of a block's rows staged in sha
 enum {
   PREP_RANK_L2 = 0,  // a = scale * x_sorted, wrow = rho
   PREP_RANK_KL = 1,  // a = scale * x_sorted, wrow = log rho
-  PREP_SORT_L2 = 2,  // a = theta - sign * x_sorted, wrow = 0
-  PREP_SORT_KL = 3,  // a = theta, b = sign * x_sorted
+  PREP_SORT_L2 = 2,  // a = theta - sign * x_sorted, b = sign * x_sorted (tie keys), wrow = 0
+  PREP_SORT_KL = 3,  // a = theta, b = sign * x_sorted (also the tie keys)
   PREP_MASK = 4,     // a = x_sorted / eps, wrow = (1, .., 1, 0, .., 0) with k ones
 };
 // soft_vjp_prep: a = the isotonic VJP's cotangent, s = its s-argument (KL)
@@ -140,6 +140,7 @@ soft_fwd_prep(const T* __restrict__ sorted, double* __restrict__ a, double* __re
     double av;
     if (mode == PREP_SORT_L2) {
       av = theta - scale * x;
+      b[off + p] = scale * x;
     } else if (mode == PREP_SORT_KL) {
       av = theta;
       b[off + p] = scale * x;
