@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._validate import INT32_MAX
+
 __all__ = ["rank_kl_jvp", "rank_kl_vjp", "sort_l2_jvp", "sort_kl_jvp", "sort_kl_vjp"]
 
 
@@ -36,9 +38,13 @@ def _scatter(v, perm):
 
 
 def _segments(block_ids):
-    """Flat segment ids, one segment per (row, block), and their count."""
+    """Flat segment ids, one segment per (row, block), and their count (int32 ids: at most
+    2^31 - 1 elements per call of a JAX-ops tangent map)."""
     n = block_ids.shape[-1]
     rows = math.prod(block_ids.shape[:-1])
+    if rows * n > INT32_MAX:
+        raise ValueError(f"forward-mode soft-op tangents take at most {INT32_MAX} elements "
+                         f"per call, got {rows * n}: split the batch")
     offsets = (jnp.arange(rows, dtype=jnp.int32) * n).reshape(block_ids.shape[:-1] + (1,))
     return (block_ids + offsets).reshape(-1), rows * n
 
