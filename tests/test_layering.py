@@ -89,3 +89,15 @@ def test_cpu_modules_follow_the_row_protocol():
         assert row_functions, op
         for fn in row_functions:
             assert "out" in inspect.signature(fn).parameters, (op, fn.__name__)
+
+
+def test_importing_the_kernels_loads_no_jax():
+    """`import sortgrad.kernels` (the NumPy/CuPy API) never imports JAX; `sortgrad.sort` does."""
+    import subprocess
+    import sys
+    code = ("import sys, sortgrad.kernels; assert 'jax' not in sys.modules, 'jax imported'; "
+            "import sortgrad; sortgrad.sort; assert 'jax' in sys.modules; "
+            "assert 'soft_rank' in dir(sortgrad) and 'sort' in sortgrad.__all__")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
