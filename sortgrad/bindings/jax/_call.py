@@ -27,6 +27,17 @@ function keeps the mode it was compiled with. The mode (like the GPU backend cho
 the thread / async context (`contextvars`): one thread's setting never changes what another
 traces.
 
+Threads: buffer mode runs from any number of threads. Pure mode on the CPU hits a JAX limit:
+`jax.pure_callback` uploads each callback argument to the CPU device again and waits for it;
+an upload of 100 KiB or more is asynchronous, and with two or more CPU programs in flight
+those waits never end (JAX 0.10; a plain `jax.pure_callback` hangs the same way). Eager calls
+(`staged_call`) in pure mode therefore run one at a time, process-wide, each to completion;
+programs the user compiles run as JAX runs them.
+
+Errors: an exception raised inside a pass is re-raised as `KernelError` ("sortgrad <pass>:
+<ExceptionType>: <message>", the original chained); JAX turns it into its
+`jax.errors.JaxRuntimeError` (INTERNAL, the message and traceback in its text).
+
 All callbacks use vmap_method="broadcast_all": under vmap a pass gets the whole batch in one
 call, every argument with the full batch dims (XLA broadcasts unbatched ones). Inputs are
 never written.
@@ -38,6 +49,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 
 import jax
 import numpy as np
@@ -123,7 +135,63 @@ def staged_call(impl, x, *static):
     strings, bools, tuples of them). The callback mode, the GPU backend choice and an
     emulated device (tests) are part of the key.
     """
-    return _staged(impl, x, current_route(), tuple(static))
+    route = current_route()
+    if route[0] != "pure" or _traced(x):
+        return _staged(impl, x, route, tuple(static))
+    # Pure mode: one eager program at a time, run to completion (see the module docstring).
+    with _PURE_EAGER_LOCK:
+        return jax.block_until_ready(_staged(impl, x, route, tuple(static)))
+
+
+_PURE_EAGER_LOCK = threading.Lock()
+
+
+def _traced(x) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
+
+
+class KernelError(RuntimeError):
+    """An exception raised inside a pass, re-raised naming the pass (the original chained).
+    The user sees it inside JAX's `jax.errors.JaxRuntimeError`."""
+
+
+@functools.cache
+def pass_name(kernel_fn) -> str:
+    """A readable name for a pass: the kernel API functions it calls (e.g. "soft_rank",
+    "soft_rank_vjp"; found in its closure or among the names its code uses), else its
+    qualified name."""
+    names = []
+    for cell in getattr(kernel_fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if callable(value) and (getattr(value, "__module__", "") or "").startswith(
+                "sortgrad.kernels"):
+            names.append(getattr(value, "__name__", repr(value)))
+    code = getattr(kernel_fn, "__code__", None)
+    if not names and code is not None:
+        names = [n for n in code.co_names if not n.startswith("_")
+                 and callable(getattr(kernels, n, None)) and n != "kernels"]
+    return "/".join(dict.fromkeys(names)) or getattr(kernel_fn, "__qualname__", repr(kernel_fn))
+
+
+def _describe(arrays) -> str:
+    return ", ".join(f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in arrays)
+
+
+def _run_pass(kernel_fn, arrays, **kwargs):
+    """kernel_fn(*arrays, **kwargs); an exception it raises becomes a KernelError whose
+    message starts "sortgrad <pass>: <ExceptionType>: <message>"."""
+    try:
+        return kernel_fn(*arrays, **kwargs)
+    except Exception as exc:
+        out = kwargs.get("out")
+        where = f"arguments {_describe(arrays)}"
+        where += "; results allocated by the kernel" if out is None else \
+            f"; results {_describe(out)}"
+        raise KernelError(f"sortgrad {pass_name(kernel_fn)}: {type(exc).__name__}: {exc} "
+                          f"({where})") from exc
 
 
 def _spec_key(specs) -> tuple:
@@ -161,7 +229,8 @@ def _device_call(platform, kernel_fn, result_specs, args):
             arrays = [platform.wrap(b) for b in buffers]
             results = tuple(platform.wrap(o) for o in outs[:count])
             with _scratch_workspace(platform, outs[count:]) as used:
-                kernel_fn(*arrays, out=results, stream=stream, backend=platform.backend)
+                _run_pass(kernel_fn, arrays, out=results, stream=stream,
+                          backend=platform.backend)
             if used is not None and used.overflow_bytes:
                 _device.warn_once(("scratch", kernel_fn, arg_specs),
                                   f"a sortgrad GPU pass needed {used.overflow_bytes} bytes of "
@@ -195,13 +264,14 @@ def _gpu_call(kernel_fn, result_specs, args, platform=None):
 
 def _host_call(kernel_fn, result_specs, args):
     def host_pass(ctx, outs, *buffers):
-        kernel_fn(*[np.asarray(b) for b in buffers], out=tuple(np.asarray(o) for o in outs))
+        _run_pass(kernel_fn, [np.asarray(b) for b in buffers],
+                  out=tuple(np.asarray(o) for o in outs))
     return tuple(buffer_callback(host_pass, result_specs, vmap_method="broadcast_all")(*args))
 
 
 def _pure_call(kernel_fn, result_specs, args):
     def host_function(*arrays):
-        results = kernel_fn(*[np.asarray(a) for a in arrays], out=None)
+        results = _run_pass(kernel_fn, [np.asarray(a) for a in arrays], out=None)
         return tuple(np.asarray(r) for r in results)
     return tuple(jax.pure_callback(host_function, result_specs, *args,
                                    vmap_method="broadcast_all"))
