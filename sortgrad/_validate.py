@@ -160,3 +160,10 @@ def check_positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def check_bool(value, name: str) -> bool:
+    """A static bool (Python or NumPy): "yes", None, 0/1 are rejected, not coerced."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._validate import check_axis, check_int, check_key_dtype, check_same_shape
+from ..._validate import check_axis, check_bool, check_int, check_key_dtype, check_same_shape
 from ._args import array_and_axis, as_jax_array
 from .hard import argsort
 
@@ -122,7 +122,7 @@ def sort_multiple(operands, *, num_keys: int = 1, axis: int = -1, descending: bo
     columns = []
     for i, key in enumerate(arrays[:num_keys]):
         columns += _key_columns(key, "operands" if single else f"operands[{i}]")
-    perm = _lsd_perm(columns, axis, bool(descending))
+    perm = _lsd_perm(columns, axis, check_bool(descending, "descending"))
     out = [_gather(a, perm, axis) for a in arrays]
     return out[0] if single else out
 
@@ -187,7 +187,7 @@ def complex_argsort(x, *, axis: int = -1, descending: bool = False):
     does); size 0 gives empty indices. Integer output: no gradient.
     """
     x, axis = _prepare_complex(x, axis)
-    return _lsd_perm(_key_columns(x, "x"), axis, bool(descending))
+    return _lsd_perm(_key_columns(x, "x"), axis, check_bool(descending, "descending"))
 
 
 def complex_sort(x, *, axis: int = -1, descending: bool = False):

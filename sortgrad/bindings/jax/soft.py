@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import kernels
-from ..._validate import check_k, check_quantiles, check_regularization, check_strength
+from ..._validate import (check_bool, check_k, check_quantiles, check_regularization,
+                          check_strength)
 from ._args import compute_dtype, soft_input
 from . import _soft_tangents as tangents
 from ._call import kernel_call, staged_call
@@ -176,8 +177,10 @@ _SOFT_DOC = """
         integer and bool x are promoted to float as `jnp.quantile` does (float32; float64
         for 64-bit integers under x64). Any leading dims; `axis` (static) is the one operated
         on, None: the flattened array.
-      regularization_strength: eps > 0, finite, a static float. Scale-dependent: as eps -> 0
-        the op becomes its hard counterpart; large eps flattens it.
+      regularization_strength: eps > 0, finite: a static float, or a JAX float scalar (may be
+        traced under jit, grad, vmap: annealed without recompiling, differentiable; NaN out
+        where it is not finite and > 0; not for the KL soft sort/quantile). Scale-dependent:
+        as eps -> 0 the op becomes its hard counterpart; large eps flattens it.
       regularization: "l2" (quadratic) or "kl" (entropic).
       descending: static bool.
 
@@ -200,9 +203,14 @@ def soft_rank(x, *, axis: int | None = -1, regularization_strength: float = 1.0,
     Projection of x/eps onto the permutahedron of (n, ..., 1) (Blondel et al. 2020); as eps
     -> 0, the ranks of `jnp.argsort(jnp.argsort(x)) + 1` (for distinct values).
     """
-    eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
-    return _apply_on_axis(_soft_rank_last, x, axis, eps, reg, bool(descending))
+    desc = check_bool(descending, "descending")
+    if _is_traced(regularization_strength):  # op(x, eps) = op(x / eps, 1)
+        x, axis = soft_input(x, axis)
+        return _rescaled(lambda v: soft_rank(v, axis=axis, regularization=reg, descending=desc),
+                         x, regularization_strength, -1)
+    eps = check_strength(regularization_strength)
+    return _apply_on_axis(_soft_rank_last, x, axis, eps, reg, desc)
 
 
 def soft_sort(x, *, axis: int | None = -1, regularization_strength: float = 1.0,
@@ -212,9 +220,14 @@ def soft_sort(x, *, axis: int | None = -1, regularization_strength: float = 1.0,
     Projection of (n, ..., 1)/eps onto the permutahedron of x; as eps -> 0, `jnp.sort(x)`.
     The output sums to sum(x) for "l2".
     """
-    eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
-    return _apply_on_axis(_soft_sort_last, x, axis, eps, reg, bool(descending))
+    desc = check_bool(descending, "descending")
+    if _is_traced(regularization_strength, "soft_sort", reg):  # op(x, eps) = op(eps x, 1) / eps
+        x, axis = soft_input(x, axis)
+        return _rescaled(lambda v: soft_sort(v, axis=axis, descending=desc), x,
+                         regularization_strength, 1)
+    eps = check_strength(regularization_strength)
+    return _apply_on_axis(_soft_sort_last, x, axis, eps, reg, desc)
 
 
 def soft_top_k_mask(x, k: int, *, axis: int | None = -1, regularization_strength: float = 1.0):
@@ -226,6 +239,9 @@ def soft_top_k_mask(x, k: int, *, axis: int | None = -1, regularization_strength
     """
     x, axis = soft_input(x, axis)
     k = check_k(k, x.shape[axis])
+    if _is_traced(regularization_strength):  # op(x, eps) = op(x / eps, 1)
+        return _rescaled(lambda v: soft_top_k_mask(v, k, axis=axis), x, regularization_strength,
+                         -1)
     eps = check_strength(regularization_strength)
     return _apply_on_axis(_soft_mask_last, x, axis, k, eps)
 
@@ -242,12 +258,15 @@ def soft_quantile(x, q, *, axis: int | None = -1, regularization_strength: float
     below 0 give the minimum, above 1 the maximum, NaN gives NaN. keepdims: keep `axis` with length 1 (as `jnp.quantile`). The row
     must not be empty.
     """
-    eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
     x, axis = soft_input(x, axis)
     if x.shape[axis] == 0:
         raise ValueError("soft_quantile needs at least one element along axis")
     compute_dtype(x)
+    if _is_traced(regularization_strength, "soft_quantile", reg):  # as soft_sort
+        return _rescaled(lambda v: soft_quantile(v, q, axis=axis, keepdims=keepdims), x,
+                         regularization_strength, 1)
+    eps = check_strength(regularization_strength)
     if isinstance(q, jax.Array):
         if q.ndim > 1:
             raise TypeError(f"q must be a scalar or 1-D, got shape {q.shape}")
@@ -286,6 +305,33 @@ def _quantile_impl(x, axis, eps, regularization, quantiles):
     16-bit input), rounded to x's dtype once."""
     ordered = _ascending_soft_sort(x, axis, eps, regularization)
     return _interpolate(ordered, np.asarray(quantiles, dtype=np.float64), x.dtype)
+
+
+def _is_traced(strength, op: str = "", regularization: str = "l2") -> bool:
+    """Whether the strength is a JAX array (traced under jit/grad: no recompile per value, and
+    differentiable). Rank and mask obey op(x, eps) = op(x / eps, 1), L2 sort and quantile
+    op(x, eps) = op(eps x, 1) / eps; the KL soft sort has no such law."""
+    if not isinstance(strength, jax.Array):
+        return False
+    if strength.ndim != 0 or not jnp.issubdtype(strength.dtype, jnp.floating):
+        raise TypeError(f"a traced regularization_strength must be a float scalar, got "
+                        f"{strength.dtype}{list(strength.shape)}")
+    if regularization == "kl":
+        raise TypeError(f"{op} with regularization='kl' needs a static regularization_strength "
+                        "(a Python float): the KL soft sort has no scale law to trace it by")
+    return True
+
+
+def _rescaled(op, x, strength, power: int):
+    """The op at strength 1 on rescaled x, in the compute dtype: op(x / eps) for rank and mask
+    (power -1), op(eps x) / eps for sort and quantile (power 1). A strength that is not finite
+    and > 0 gives NaN."""
+    dtype = compute_dtype(x)
+    eps = strength.astype(dtype)
+    eps = jnp.where((eps > 0) & jnp.isfinite(eps), eps, jnp.asarray(jnp.nan, dtype))
+    xc = x.astype(dtype)
+    out = op(xc / eps) if power < 0 else op(xc * eps) / eps
+    return out.astype(x.dtype)
 
 
 def _append_doc(fn, *drop: str) -> None:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..._validate import (check_index_dtype, check_k, check_regularization, check_rows,
-                          check_same_shape, check_strength, float_compute_dtype)
+from ..._validate import (check_bool, check_index_dtype, check_k, check_regularization,
+                          check_rows, check_same_shape, check_strength, float_compute_dtype)
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
 
@@ -106,7 +106,7 @@ def soft_rank(x, regularization_strength: float = 1.0, *, regularization: str = 
     Returns (ranks, perm, block_ids) (see the module contract)."""
     eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
-    return _forward("soft_rank_rows", x, (eps, reg, bool(descending)), out, backend, stream)
+    return _forward("soft_rank_rows", x, (eps, reg, check_bool(descending, "descending")), out, backend, stream)
 
 
 def soft_rank_vjp(cotangent, x, ranks, perm, block_ids, regularization_strength: float = 1.0, *,
@@ -118,7 +118,7 @@ def soft_rank_vjp(cotangent, x, ranks, perm, block_ids, regularization_strength:
     reg = check_regularization(regularization)
     return _vjp("soft_rank_vjp_rows", cotangent, x,
                 {"ranks": ranks, "perm": perm, "block_ids": block_ids},
-                (eps, reg, bool(descending)), out, backend, stream)
+                (eps, reg, check_bool(descending, "descending")), out, backend, stream)
 
 
 def soft_sort(x, regularization_strength: float = 1.0, *, regularization: str = "l2",
@@ -129,7 +129,7 @@ def soft_sort(x, regularization_strength: float = 1.0, *, regularization: str = 
     Returns (values, perm, block_ids) (see the module contract)."""
     eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
-    return _forward("soft_sort_rows", x, (eps, reg, bool(descending)), out, backend, stream)
+    return _forward("soft_sort_rows", x, (eps, reg, check_bool(descending, "descending")), out, backend, stream)
 
 
 def soft_sort_vjp(cotangent, x, perm, block_ids, regularization_strength: float = 1.0, *,
@@ -140,7 +140,7 @@ def soft_sort_vjp(cotangent, x, perm, block_ids, regularization_strength: float 
     eps = check_strength(regularization_strength)
     reg = check_regularization(regularization)
     return _vjp("soft_sort_vjp_rows", cotangent, x, {"perm": perm, "block_ids": block_ids},
-                (eps, reg, bool(descending)), out, backend, stream)
+                (eps, reg, check_bool(descending, "descending")), out, backend, stream)
 
 
 def soft_top_k_mask(x, k: int, regularization_strength: float = 1.0, *, out=None,
