@@ -12,6 +12,12 @@ device scratch policy of the calling thread (`_cuda/workspace.py`): `use_scratch
 device backends carve their outputs and scratch from a given 1-D uint8 device buffer) and
 `measure_scratch()` (count what they allocate), `device_unavailable(backend)` (why a device
 backend cannot run here, or None) and `GPU_EXTRA` (the pip extras to name).
+
+NaNs in the hard ops, as JAX on XLA:CPU: segmented_sort / segmented_argsort tie every NaN (any
+sign, any payload) above +inf; top_k orders floats by IEEE totalOrder (-NaN lowest, +NaN
+highest, the NaNs of one sign by payload), except bfloat16, whose NaNs of one sign tie. Values
+keep their input bits, except bfloat16 NaNs, which come back as the quiet NaN of their sign
+(0x7FC0 | sign) from rows (segments) of more than one element. The same on every backend.
 """
 
 import importlib as _importlib

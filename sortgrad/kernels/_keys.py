@@ -4,7 +4,9 @@ Two orders are used, matching JAX:
 - sort order (`jnp.sort`, `jnp.argsort`): -0.0 == +0.0, every NaN (any sign, any payload) equal
   to every other NaN and above +inf;
 - total order (`jax.lax.top_k`): IEEE 754 totalOrder on the bits, so -NaN < -inf < ... < -0.0 <
-  +0.0 < ... < +inf < +NaN.
+  +0.0 < ... < +inf < +NaN, NaNs of one sign ordered by their magnitude bits (payload) -- except
+  bfloat16, which XLA:CPU compares after a float32 round trip that makes every NaN the quiet
+  NaN of its sign (0x7FC0 | sign): there the NaNs of one sign are ties.
 Unsigned comparison of the keys gives the order; equal keys are ties of the order. A
 descending key is the bitwise complement of the ascending one, so an ascending stable sort of
 it is a stable descending sort.
@@ -29,6 +31,10 @@ _EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000,
 # float16 is compared after widening to float32, where its subnormals are normal numbers.
 _SMALLEST_NORMAL_BITS = {"bfloat16": 0x0080, "float32": 0x00800000,
                          "float64": 0x0010000000000000}
+# The quiet NaN (sign bit clear) that XLA:CPU writes for every NaN of a dtype whose sorts
+# canonicalise NaNs: bfloat16 only (its sort comparator and values go through float32 and back;
+# the sign is kept, the payload is not). jnp.sort / lax.top_k of float16/32/64 keep NaN bits.
+_CANONICAL_NAN_BITS = {"bfloat16": 0x7FC0}
 
 KIND_UNSIGNED, KIND_SIGNED, KIND_FLOAT = 0, 1, 2
 
@@ -40,9 +46,11 @@ def key_dtype(dtype) -> np.dtype:
 
 # A key spec is a read-only uint64 array (cheap for Numba to type on every call):
 # [kind, canonical, descending, sign bit, all bits but the sign, bits of +inf, all bits,
-#  bits of the smallest normal number (0: none flushed)].
+#  bits of the smallest normal number (0: none flushed), canonical NaN bits (0: NaNs keep
+#  their payloads in total order)].
 # canonical (sort order) folds -0.0, +0.0 and the subnormals (but float16's) into the key of
-# +0.0, and every NaN into one key above +inf.
+# +0.0, and every NaN into one key above +inf. Total order folds the NaNs of each sign into the
+# key of that sign's canonical NaN where the dtype has one (bfloat16).
 KeySpec = np.ndarray
 
 
@@ -60,7 +68,8 @@ def key_spec(dtype, *, canonical: bool, descending: bool = False) -> KeySpec:
         kind = KIND_UNSIGNED  # unsigned integers and bool
     spec = np.array([kind, canonical, descending, sign, all_ones ^ sign,
                      _EXPONENT_MASK.get(dtype.name, 0), all_ones,
-                     _SMALLEST_NORMAL_BITS.get(dtype.name, 0)], dtype=np.uint64)
+                     _SMALLEST_NORMAL_BITS.get(dtype.name, 0),
+                     _CANONICAL_NAN_BITS.get(dtype.name, 0)], dtype=np.uint64)
     spec.flags.writeable = False
     return spec
 
@@ -72,7 +81,7 @@ def raw_bits(x: np.ndarray) -> np.ndarray:
 @numba.njit(cache=True, nogil=True, inline="always")
 def spec_tuple(spec):
     """The spec as a tuple of scalars: kernels unpack it once, outside their element loops."""
-    return (spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7])
+    return (spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], spec[7], spec[8])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -82,8 +91,12 @@ def key_of(bits, spec):
     b = np.uint64(bits)
     kind, canonical, descending = spec[0], spec[1] != 0, spec[2] != 0
     sign, abs_mask, exp_mask, all_ones, smallest_normal = spec[3], spec[4], spec[5], spec[6], spec[7]
+    nan_bits = spec[8]
     if kind == np.uint64(KIND_FLOAT):
         magnitude = b & abs_mask
+        # total order with canonical NaNs (bfloat16): a NaN takes the bits of its sign's
+        # canonical NaN (a select, no branch; never taken where nan_bits is 0)
+        b = (b & sign) | nan_bits if (magnitude > exp_mask) & (nan_bits != 0) else b
         if canonical and magnitude > exp_mask:
             key = all_ones                      # NaN: one key, above +inf
         elif canonical and magnitude < smallest_normal or canonical and magnitude == 0:
@@ -117,6 +130,28 @@ def composite_keys(bits, spec, out):
     for r in numba.prange(rows):
         for j in range(n):
             out[r, j] = (key_of(bits[r, j], sp) << np.uint64(32)) | np.uint64(j)
+
+
+def canonical_nan_bits(dtype) -> int:
+    """The quiet NaN (sign clear) that sorts and top-k of `dtype` write for every NaN, as
+    XLA:CPU does (bfloat16: 0x7FC0, the sign kept); 0 where NaNs keep their bits."""
+    return _CANONICAL_NAN_BITS.get(np.dtype(dtype).name, 0)
+
+
+def canonicalize_nans(values: np.ndarray, where=None) -> None:
+    """In place: every NaN of `values` (a NumPy array of a dtype with a canonical NaN, see
+    `canonical_nan_bits`; others are left alone) becomes the canonical NaN of its sign; with
+    `where` (a boolean array of values' shape, or broadcastable), only there."""
+    nan_bits = canonical_nan_bits(values.dtype)
+    if not nan_bits or values.size == 0:
+        return
+    b = raw_bits(values)
+    width = values.dtype.itemsize * 8
+    sign = 1 << (width - 1)
+    nan = (b & (sign - 1)) > _EXPONENT_MASK[values.dtype.name]
+    if where is not None:
+        nan &= where
+    b[nan] = (b[nan] & sign) | nan_bits
 
 
 def keys(x: np.ndarray, spec: KeySpec) -> np.ndarray:

@@ -35,17 +35,38 @@ def _sort_order_key(v, dtype):
 
 def _total_order_key(v, dtype):
     """IEEE totalOrder, as jax.lax.top_k: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN,
-    NaNs ordered by payload. Read off the sign and the magnitude bits; integers exactly."""
+    NaNs of one sign ordered by payload -- but bfloat16's, which XLA:CPU compares after a
+    float32 round trip that gives every NaN the canonical bits of its sign: ties there. Read
+    off the sign and the magnitude bits; integers exactly."""
     if not _is_float_dtype(dtype):
         return (int(v),)
     width = np.dtype(dtype).itemsize * 8
     bits = int(np.asarray(v, dtype=dtype).reshape(1).view(f"u{width // 8}")[0])
+    if np.dtype(dtype).name == "bfloat16" and math.isnan(float(v)):
+        bits = (bits & 0x8000) | 0x7FC0
     magnitude = bits & ((1 << (width - 1)) - 1)
     return (-1, -magnitude) if bits >> (width - 1) else (1, magnitude)
 
 
+def xla_cpu_sorted_values(values, n):
+    """The bits XLA:CPU writes for sorted / top-k values taken from a row of n elements:
+    float16/32/64 and integers keep their bits; bfloat16 NaNs become the quiet NaN of their
+    sign, 0x7FC0 | sign (the payload is dropped), except in one-element rows (XLA leaves those
+    unsorted). A copy."""
+    values = np.array(values, copy=True)
+    if values.dtype.name != "bfloat16" or n <= 1:
+        return values
+    flat = values.reshape(-1)
+    raw = flat.view(np.uint16)
+    for i in range(flat.size):
+        if math.isnan(float(flat[i])):
+            raw[i] = (int(raw[i]) & 0x8000) | 0x7FC0
+    return values
+
+
 def reference_argsort(row, descending=False):
-    """Stable argsort of a 1-D row in jnp.sort order (ties keep their original order)."""
+    """Stable argsort of a 1-D row in jnp.sort order (ties keep their original order; every
+    NaN, any sign or payload, ties with every other)."""
     row = np.asarray(row)
     keys = [_sort_order_key(v, row.dtype) for v in row]
     idx = range(len(keys))
@@ -59,7 +80,9 @@ def _negate(key):
 
 
 def reference_sort_rows(x, descending=False):
-    """(values, perm) of a stable sort of each row (last axis) of x."""
+    """(values, perm) of a stable sort of each row (last axis) of x. Values have the bits
+    jnp.sort gives on XLA:CPU: the input's, except bfloat16 NaNs in rows of more than one
+    element, which become the quiet NaN of their sign (0x7FC0 | sign)."""
     x = np.asarray(x)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension")
@@ -68,27 +91,30 @@ def reference_sort_rows(x, descending=False):
     for r, row in enumerate(rows):
         perm[r] = reference_argsort(row, descending)
     perm = perm.reshape(x.shape)
-    return np.take_along_axis(x, perm, axis=-1), perm
+    return xla_cpu_sorted_values(np.take_along_axis(x, perm, axis=-1), x.shape[-1]), perm
 
 
 def reference_top_k(row, k):
-    """(values, indices) of the k largest of a 1-D row in totalOrder, ties to the lower index."""
+    """(values, indices) of the k largest of a 1-D row in totalOrder, ties to the lower index,
+    as jax.lax.top_k on XLA:CPU (bfloat16: NaNs of one sign tie and come back as the quiet NaN
+    of their sign in rows of more than one element; see `_total_order_key`)."""
     row = np.asarray(row)
     keys = [_total_order_key(v, row.dtype) for v in row]
     idx = sorted(range(len(keys)), key=lambda i: (_negate(keys[i]), i))[:k]
     idx = np.array(idx, dtype=np.int64)
-    return row[idx], idx
+    return xla_cpu_sorted_values(row[idx], row.shape[0]), idx
 
 
 def reference_segmented_sort(x, offsets, descending=False):
-    """Stable sort of each CSR segment of 1-D x; perm relative to the segment start."""
+    """Stable sort of each CSR segment of 1-D x; perm relative to the segment start. Values as
+    `reference_sort_rows` (a segment is a row)."""
     x = np.asarray(x)
     values = x.copy()
     perm = np.zeros(x.shape[0], np.int64)
     for a, b in zip(offsets[:-1], offsets[1:]):
         p = reference_argsort(x[a:b], descending)
         perm[a:b] = p
-        values[a:b] = x[a:b][p] if b > a else values[a:b]
+        values[a:b] = xla_cpu_sorted_values(x[a:b][p], b - a) if b > a else values[a:b]
     return values, perm
 
 

@@ -34,11 +34,10 @@ def mode(request):
 
 def make_keys(rng, shape, dtype, pattern="special"):
     """sortgrad.testing.make_keys: "random", "ties" (0..3 cast) or "special": -0.0/0.0, NaNs of
-    both signs (payload NaNs too, except bfloat16: jnp.sort/lax.top_k on bfloat16 do not keep
-    payloads), +-inf, ties. No subnormals (XLA on CPU flushes them when it sorts; see
-    test_subnormals_match_jnp), nor the smallest normal."""
-    return _make_keys(rng, shape, dtype, pattern, subnormals=False, tiny=False,
-                      payloads=np.dtype(dtype) != jnp.bfloat16)
+    both signs (payload NaNs too: bfloat16's come back from jnp.sort / lax.top_k as the
+    canonical NaN of their sign, and sortgrad's too), +-inf, ties. No subnormals (XLA on CPU
+    flushes them when it sorts; see test_subnormals_match_jnp), nor the smallest normal."""
+    return _make_keys(rng, shape, dtype, pattern, subnormals=False, tiny=False, payloads=True)
 
 
 def assert_same_indices(actual, expected, msg=""):
@@ -196,6 +195,44 @@ def test_top_k_total_order(route):
         ref_v, ref_i = jax.lax.top_k(x, k)
         np.testing.assert_array_equal(indices, ref_i)
         assert_same_bits(values, ref_v)
+
+
+def _nan_payload_pool(dtype):
+    """Raw bits of NaNs of both signs with different payloads (the canonical quiet NaN, quiet
+    NaNs with low / high payloads, all mantissa bits set, signalling NaNs) mixed with +-inf,
+    +-0.0, +-1.0, 2.0 and extra copies of the default NaN (ties)."""
+    dtype = np.dtype(dtype)
+    width = dtype.itemsize * 8
+    ubits = f"u{dtype.itemsize}"
+    inf = int(np.array(np.inf, dtype).reshape(1).view(ubits)[0])
+    man_bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}[dtype.name]
+    quiet = 1 << (man_bits - 1)
+    pool = [inf | p for p in (quiet, quiet | 1, quiet | 3, (1 << man_bits) - 1, 1, quiet >> 1)]
+    pool += [0, inf] + [int(np.array(v, dtype).reshape(1).view(ubits)[0]) for v in (1.0, 2.0)]
+    pool += [v | (1 << (width - 1)) for v in pool] + [inf | quiet] * 3
+    return np.array(pool, dtype=ubits)
+
+
+@pytest.mark.simulator_route
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1023, 1025])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_nan_payloads_match_jax(route, dtype, n):
+    """NaNs of both signs and many payloads: jnp.sort / jnp.argsort(stable=True) tie them all;
+    lax.top_k orders them by payload within a sign (float16/32/64) or ties them (bfloat16, which
+    XLA:CPU compares through float32); bfloat16 NaNs come back as 0x7FC0 | sign from rows of
+    more than one element. Bit for bit, both directions, every top-k path."""
+    simulator_case(route, n in (1, 33) and dtype in (np.float32, jnp.bfloat16))
+    rng = np.random.default_rng([n, np.dtype(dtype).num, 16])
+    x = jnp.asarray(rng.choice(_nan_payload_pool(dtype), size=(2, n)).view(dtype))
+    check_all(x, tuple(sorted({1, min(n, 5), n // 2, n})))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_nan_payloads_match_jax_both_modes_eager(mode, dtype):
+    rng = np.random.default_rng([np.dtype(dtype).num, 17])
+    for n in (1, 33):
+        x = jnp.asarray(rng.choice(_nan_payload_pool(dtype), size=(3, n)).view(dtype))
+        check_all(x, (1, n), jit=False)
 
 
 def test_subnormals_match_jnp():

@@ -334,3 +334,17 @@ def test_export_serialization_is_refused_as_documented():
     with pytest.raises(NotImplementedError, match="host_callbacks"):
         export.export(jax.jit(lambda v: sortgrad.sort(v)))(
             jax.ShapeDtypeStruct((4,), jnp.float32)).serialize()
+
+
+@pytest.mark.parametrize("value", ["yes", None, 1, 0.0])
+def test_descending_must_be_a_bool(value):
+    x = jnp.arange(4.0)
+    calls = [lambda d: sortgrad.sort(x, descending=d), lambda d: sortgrad.argsort(x, descending=d),
+             lambda d: sortgrad.soft_rank(x, descending=d),
+             lambda d: sortgrad.soft_sort(x, descending=d),
+             lambda d: sortgrad.sort_multiple([x], descending=d),
+             lambda d: sortgrad.kernels.soft_rank(np.arange(4.0), descending=d)]
+    for call in calls:
+        with pytest.raises(TypeError, match="descending must be a bool"):
+            call(value)
+    assert sortgrad.sort(x, descending=np.True_)[0] == 3.0

@@ -3,8 +3,8 @@
 References: sortgrad.testing.reference_top_k (pure Python, IEEE totalOrder, ties to the lower
 index) and jax.lax.top_k. Values are compared bit for bit, indices exactly.
 
-The oracle gives every NaN of one sign the same rank; jax.lax.top_k (full IEEE totalOrder)
-also orders NaNs by payload. Data with NaN payloads is therefore checked against lax.top_k only.
+Both order NaNs of one sign by payload (IEEE totalOrder), except bfloat16's, which tie and come
+back as the canonical NaN of their sign (XLA:CPU compares bfloat16 through float32).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sortgrad.kernels import top_k
 from sortgrad.testing import (FLOAT_DTYPES, INT_DTYPES, SIZES, assert_same_bits, bits, dtype_id,
                               reference_top_k)
 from sortgrad.testing import make_keys as _make_keys
+from sortgrad.testing.oracles import xla_cpu_sorted_values
 
 ALL_DTYPES = [*FLOAT_DTYPES, *INT_DTYPES]
 
@@ -68,10 +69,9 @@ def check_top_k(x, ks, reference="oracle"):
         assert values.shape == out_shape and indices.shape == out_shape
         assert values.dtype == x.dtype and indices.dtype == np.int32
         np.testing.assert_array_equal(indices, ref_indices[..., :k], err_msg=f"k = {k}")
-        if not (reference == "lax" and x.dtype == jnp.bfloat16):
-            # (lax.top_k on bfloat16 drops NaN payloads; the gather below checks the bits then)
-            assert_same_bits(values, ref_values[..., :k])
-        assert_same_bits(values, np.take_along_axis(x_copy, indices.astype(np.int64), axis=-1))
+        assert_same_bits(values, ref_values[..., :k])
+        assert_same_bits(values, xla_cpu_sorted_values(
+            np.take_along_axis(x_copy, indices.astype(np.int64), axis=-1), x.shape[-1]))
 
 
 def k_values(n):
@@ -122,9 +122,9 @@ def test_top_k_total_order(dtype):
         np.testing.assert_array_equal(indices, expected[:k])
 
 
-# bfloat16 is left out: lax.top_k on bfloat16 ranks all NaNs of a sign as equal (it drops the
-# payloads), unlike on the other float types; the kernel's bits-based order is total.
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=dtype_id)
+# (bfloat16: lax.top_k ranks all NaNs of a sign as equal and writes canonical NaNs; so does
+# the kernel)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_top_k_nan_payloads_match_lax(dtype):
     rng = np.random.default_rng(4)
     for n in (33, 1025):

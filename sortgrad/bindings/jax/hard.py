@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ... import kernels
-from ..._validate import check_k, check_key_dtype, is_float_dtype
+from ..._validate import check_bool, check_k, check_key_dtype, is_float_dtype
 from ._args import array_and_axis, as_jax_array
 from ._call import device_dependent, kernel_call, staged_call
 from ._linear import LinearOp, apply_linear
@@ -85,14 +85,27 @@ def _keyed(call, x, *static):
     """call(x, *static) -> (values, indices). bfloat16 off the CPU: the device kernels have no
     bfloat16 arrays (CuPy has no such dtype), so they order the exact float32 upcast (the same
     order, ties, NaN and -0.0 placement: bfloat16 is the top half of a float32) and the values
-    are gathered from x with their bits."""
+    are gathered from x. Its NaNs are first made the canonical NaN of their sign, as XLA:CPU
+    (and the CPU kernels) do for bfloat16: the values come back with those bits, and lax.top_k's
+    order ties the NaNs of one sign (the float32 totalOrder would order them by payload)."""
     if x.dtype != jnp.bfloat16:
         return call(x, *static)
 
     def upcast(x):
+        x = _canonical_bfloat16_nans(x)
         _, indices = call(x.astype(jnp.float32), *static)
         return jnp.take_along_axis(x, indices, axis=-1), indices
     return device_dependent(lambda x: tuple(call(x, *static)), upcast, x)
+
+
+def _canonical_bfloat16_nans(x):
+    """bfloat16 x with every NaN replaced by the quiet NaN of its sign (0x7FC0 | sign), in rows
+    of more than one element (XLA:CPU does not sort one-element rows: they keep their bits)."""
+    if x.shape[-1] <= 1:
+        return x
+    b = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    b = jnp.where((b & 0x7FFF) > 0x7F80, (b & 0x8000) | 0x7FC0, b)
+    return jax.lax.bitcast_convert_type(b, jnp.bfloat16)
 
 
 def _sort_call(x, descending):
@@ -166,9 +179,10 @@ def sort(x, *, axis: int | None = -1, descending: bool = False):
       axis: the axis to sort (static); None sorts the flattened array (as `jnp.sort`).
       descending: largest first (static). As `jnp.sort`, this is the ascending sort reversed.
 
-    Returns: the sorted array, x's shape and dtype, values with their exact bits. -0.0, +0.0
-      and subnormals compare equal (stable; float16 subnormals excepted, as in XLA); NaNs are
-      last ascending, first descending.
+    Returns: the sorted array, x's shape and dtype, values with their exact bits (bfloat16
+      NaNs excepted: the quiet NaN of their sign, 0x7FC0 | sign, as jnp.sort writes them on
+      XLA:CPU). -0.0, +0.0 and subnormals compare equal (stable; float16 subnormals excepted,
+      as in XLA); NaNs (any sign or payload) tie, last ascending, first descending.
 
     Derivatives (floating or complex x): exact -- the cotangent of output i goes to the
     position its value came from, the tangent is gathered from there (as JAX's own rules for
@@ -178,7 +192,7 @@ def sort(x, *, axis: int | None = -1, descending: bool = False):
     x, axis = _prepare(x, axis)
     if jnp.iscomplexobj(x):
         return _complex("complex_sort")(x, axis=axis, descending=descending)
-    return staged_call(_sort_impl, x, axis, bool(descending))
+    return staged_call(_sort_impl, x, axis, check_bool(descending, "descending"))
 
 
 def _sort_impl(x, axis, descending):
@@ -207,7 +221,7 @@ def argsort(x, *, axis: int | None = -1, descending: bool = False, dtype=None):
     if jnp.iscomplexobj(x):
         indices = _complex("complex_argsort")(x, axis=axis, descending=descending)
     else:
-        indices = staged_call(_argsort_impl, x, axis, bool(descending))
+        indices = staged_call(_argsort_impl, x, axis, check_bool(descending, "descending"))
     return indices if dtype is None else indices.astype(dtype)
 
 
@@ -230,8 +244,10 @@ def top_k(x, k: int, *, axis: int = -1):
     """The k largest entries along `axis`, largest first: `[values, indices]`, a list, as
     `jax.lax.top_k` returns.
 
-    Same results as `jax.lax.top_k` (ties to the lower index; IEEE totalOrder on floats, so
-    +NaN is largest, -NaN smallest, +0.0 above -0.0). `0 <= k <= n` (static), else ValueError.
+    Same results as `jax.lax.top_k` on XLA:CPU (ties to the lower index; IEEE totalOrder on
+    floats, so +NaN is largest, -NaN smallest, +0.0 above -0.0, NaNs of one sign by payload --
+    bfloat16's tie, and come back as the quiet NaN of their sign). `0 <= k <= n` (static),
+    else ValueError.
     `axis` of the outputs has length k; indices are int32. Complex x: TypeError (as lax).
     Derivatives of `values` (floating x): exact -- cotangents scattered back to `indices`,
     tangents gathered from them; second derivatives zero; indices have none.

@@ -48,9 +48,9 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: boo
       descending: largest first (stable: equal keys keep their order).
       reverse: each sorted row read backwards (rows only, not with `offsets`; every backend,
         bit-identical results): with descending=False this is `jnp.sort(..., descending=True)`
-        / `jnp.argsort(..., stable=True, descending=True)` -- largest first, NaNs first, and
-        equal keys (also -0.0 and +0.0, NaNs of any payload) in decreasing original order,
-        unlike `descending=True`, which keeps them in increasing order.
+        -- largest first, NaNs first, and equal keys (also -0.0 and +0.0, NaNs of any payload)
+        in decreasing original order, unlike `descending=True`, which keeps them in increasing
+        order (as `jnp.argsort(..., stable=True, descending=True)`).
       out: optional (values, perm) arrays to write (keys' shape; keys' dtype and int32;
         C-contiguous, of the backend's array kind); returned as given.
       backend: None (follow the array), "cpu", "cupy" or "numba".
@@ -66,7 +66,9 @@ def segmented_sort(keys, offsets=None, *, descending: bool = False, reverse: boo
     to float32), NaNs (any sign) compare equal to each other and above +inf (last when
     ascending, first when descending). Stable in both
     directions: equal keys keep their original order (reversed with `reverse=True`). Values
-    keep their exact bits.
+    keep their exact bits (NaN signs and payloads included), except bfloat16 NaNs: as
+    `jnp.sort` on XLA:CPU (which sorts bfloat16 through float32) each becomes the quiet NaN of
+    its sign, 0x7FC0 | sign, in every row or segment of more than one element.
     Rows longer than 2**31 - 1 are rejected. The input is never modified.
 
     Device backends take C-contiguous device arrays of the dtypes their module lists in

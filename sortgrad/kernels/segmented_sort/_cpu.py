@@ -14,7 +14,8 @@ import numpy as np
 from .._rows import (PARALLEL_MIN_ELEMENTS, gather_rows_into, map_row_chunks,
                      row_parallel)
 
-from .._keys import KeySpec, composite_keys, key_of, key_spec, keys, raw_bits, spec_tuple
+from .._keys import (KeySpec, canonical_nan_bits, canonicalize_nans, composite_keys, key_of,
+                     key_spec, keys, raw_bits, spec_tuple)
 from ..._validate import KEY_DTYPES
 
 DTYPES = KEY_DTYPES
@@ -211,11 +212,15 @@ def sort_rows_into(rows: np.ndarray, values_out: np.ndarray, perm_out: np.ndarra
     spec = key_spec(rows.dtype, canonical=True, descending=descending)
     if 0 < rows.size < PARALLEL_MIN_ELEMENTS and rows.shape[1] < RADIX_MIN_N:
         _sort_small_rows_into(raw_bits(rows), spec, reverse, raw_bits(values_out), perm_out)
-        return
-    argsort_rows_by_key(rows, spec, out=perm_out)
-    if reverse:
-        perm_out[...] = perm_out[:, ::-1]   # NumPy buffers overlapping assignments
-    gather_rows_into(rows, perm_out, values_out)
+    else:
+        argsort_rows_by_key(rows, spec, out=perm_out)
+        if reverse:
+            perm_out[...] = perm_out[:, ::-1]   # NumPy buffers overlapping assignments
+        gather_rows_into(rows, perm_out, values_out)
+    if canonical_nan_bits(rows.dtype) and rows.shape[1] > 1:
+        # bfloat16: XLA:CPU writes the canonical NaN of each sign (one-element rows are not
+        # sorted there: they keep their bits)
+        canonicalize_nans(values_out)
 
 
 def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool, *, out=None
@@ -235,6 +240,10 @@ def sort_segments(x: np.ndarray, offsets: np.ndarray, descending: bool, *, out=N
     if end:
         seg_keys = keys(x[:end], key_spec(x.dtype, canonical=True, descending=descending))
         _argsort_segments(seg_keys, offsets.astype(np.int64), perm[:end])
-    starts = np.repeat(offsets[:-1].astype(np.int64), np.diff(offsets))
+    lengths = np.diff(offsets)
+    starts = np.repeat(offsets[:-1].astype(np.int64), lengths)
     values[:end] = x[starts + perm[:end]]
+    if canonical_nan_bits(x.dtype) and end:
+        # bfloat16: canonical NaNs in every segment of more than one element, as in rows
+        canonicalize_nans(values[:end], np.repeat(lengths > 1, lengths))
     return values, perm

@@ -26,11 +26,15 @@ def top_k(x, k: int, *, out=None, backend: str | None = None, stream=None):
 
     Returns:
       (values, indices), both of shape x.shape[:-1] + (k,): values with x's dtype and exact
-      bits, indices int32 with values[..., i] = x[..., indices[..., i]].
+      bits, indices int32 with values[..., i] = x[..., indices[..., i]] -- except bfloat16 NaNs,
+      which come back as the quiet NaN of their sign (0x7FC0 | sign) from rows of more than one
+      element, as `jax.lax.top_k` on XLA:CPU writes them.
 
-    Order: as `jax.lax.top_k` -- IEEE totalOrder on floats (+NaN above +inf, -NaN below -inf,
-    +0.0 above -0.0); equal entries are taken lowest index first. A small k is served without
-    sorting the row. The input is never modified.
+    Order: as `jax.lax.top_k` on XLA:CPU -- IEEE totalOrder on floats (+NaN above +inf, -NaN
+    below -inf, +0.0 above -0.0, the NaNs of one sign ordered by their payload bits), except
+    bfloat16, which XLA compares through float32 and so ties all NaNs of one sign; equal
+    entries are taken lowest index first. A small k is served without sorting the row. The
+    input is never modified.
     """
     backend = resolve_backend([x], backend)
     x = as_backend_array(x, "x", backend)

@@ -1,6 +1,7 @@
 """CPU top-k: a bounded insertion buffer per row for small k, a full keyed sort otherwise.
 
-Keys are in IEEE totalOrder (as `jax.lax.top_k`), computed on the fly from the raw bits; the
+Keys are in IEEE totalOrder (as `jax.lax.top_k`; bfloat16 NaNs of one sign tie, and come back
+as the canonical NaN of their sign, see `_keys`), computed on the fly from the raw bits; the
 buffer holds the best k (key, column) pairs seen so far, best first. Columns arrive in
 increasing order, so a newcomer with a key equal to the k-th best loses the tie (lower index
 wins) and only a strictly larger key enters.
@@ -13,7 +14,7 @@ import numpy as np
 
 
 from .._rows import gather_rows, num_threads, row_parallel
-from .._keys import key_of, key_spec, raw_bits, spec_tuple
+from .._keys import canonicalize_nans, key_of, key_spec, raw_bits, spec_tuple
 from ..segmented_sort._cpu import argsort_rows_by_key
 from ..._validate import KEY_DTYPES
 
@@ -156,4 +157,9 @@ def _top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         spec = key_spec(rows.dtype, canonical=False, descending=True)
         indices = np.ascontiguousarray(argsort_rows_by_key(rows, spec)[:, :k])
-    return gather_rows(rows, indices), indices
+    values = gather_rows(rows, indices)
+    if n > 1:
+        # bfloat16: the canonical NaN of each sign, as XLA:CPU writes (one-element rows are
+        # not sorted there: they keep their bits); a no-op for the other dtypes
+        canonicalize_nans(values)
+    return values, indices
