@@ -10,11 +10,14 @@ dict of allocations up and inserts a new array in two steps, so a thread switch 
 same semantics otherwise; dynamic shared memory, shape 0, is delegated unchanged). Call it once
 after NUMBA_ENABLE_CUDASIM is set and before any kernel runs (tests/conftest.py); it is
 idempotent, does nothing when the simulator is off, and returns whether the patch is active.
+`install()` also makes the simulator's per-call swap of the `cuda` module in a device
+function's globals read those globals atomically (see `_install_atomic_module_swap`).
 The package itself never patches Numba (nothing the wheel ships may patch a third-party module).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import traceback
@@ -67,4 +70,28 @@ def install() -> bool:
 
     array._sortgrad_thread_safe = True
     shared_class.array = array
+    _install_atomic_module_swap(kernelapi)
     return True
+
+
+def _install_atomic_module_swap(kernelapi) -> None:
+    """The simulator swaps the `cuda` module in a device function's globals on every call,
+    reading the globals with a generator that other simulated threads can interleave with
+    ("dictionary changed size during iteration", seen in CI). Here the globals are read in one
+    `list(...)` (a single C-level iteration, atomic under the GIL); the swap is otherwise the
+    same."""
+    from numba.cuda.simulator import kernel as simulator_kernel
+
+    @contextlib.contextmanager
+    def swapped_cuda_module(fn, fake_cuda_module):
+        from numba import cuda
+        fn_globals = fn.__globals__
+        original = {k: v for k, v in list(fn_globals.items()) if v is cuda}
+        fn_globals.update({k: fake_cuda_module for k in original})
+        try:
+            yield
+        finally:
+            fn_globals.update(original)
+
+    kernelapi.swapped_cuda_module = swapped_cuda_module
+    simulator_kernel.swapped_cuda_module = swapped_cuda_module
