@@ -167,3 +167,22 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_softness(softness) -> float:
+    """A static softness (the scale-free strength of the soft ops): finite and > 0."""
+    return check_positive_float(softness, "softness")
+
+
+def check_one_strength(strength, softness) -> None:
+    """At most one of regularization_strength (absolute) and softness (scale-free) is given."""
+    if strength is not None and softness is not None:
+        raise ValueError("give regularization_strength (absolute, in the units of x) or softness "
+                         "(scale-free, relative to each row's spread), not both")
+
+
+def check_traced_scalar(shape, dtype, name: str) -> None:
+    """A strength or softness given as an array (traced under jit) is a float scalar."""
+    if len(shape) != 0 or not is_float_dtype(dtype):
+        raise TypeError(f"a traced {name} must be a float scalar, got "
+                        f"{np.dtype(dtype)}{list(shape)}")

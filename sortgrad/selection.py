@@ -10,7 +10,10 @@ The strength of a soft mask acts on the scale of the scores: a mask of scores C 
 eps is the mask of C / c at strength eps / c. Standardising the scores (zero mean, unit standard
 deviation along the axis, the default here) makes one strength mean the same thing for every
 problem: with unit-variance scores, entries within about `regularization_strength` of the
-k-th score get fractional weights, the rest 0 or 1.
+k-th score get fractional weights, the rest 0 or 1. This is the mask's scale-free `softness`
+(`soft_top_k_mask(C, k, softness=s)`, its default, s = 1, is the same mask as here at strength
+s); the helpers keep their explicit strength on standardised scores (README, "Choosing the
+strength").
 
 Choosing the strength: small strengths (0.05-0.3) make the mask nearly hard, a faithful
 estimate of the hard objective whose gradient reaches only the entries near the k-th score;

@@ -31,6 +31,10 @@ if (os.environ.get("SORTGRAD_TEST_CUDASIM", "1") != "0"
 
 import pytest
 
+# tests/multidevice needs eight host devices, fixed when JAX starts: it runs in a process of
+# its own (tests/bindings/test_sharding.py sets SORTGRAD_MULTIDEVICE=1 there).
+collect_ignore = [] if os.environ.get("SORTGRAD_MULTIDEVICE") == "1" else ["multidevice"]
+
 try:
     import jax
     import numba  # noqa: F401

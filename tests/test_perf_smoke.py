@@ -87,3 +87,19 @@ def test_gpu_check_script_parses(tmp_path):
     assert helpers == ["env_probe.py", "prewarm.py", "sanitize_work.py", "summary.py"]
     for name in helpers:
         compile((tmp_path / name).read_text(), name, "exec")
+
+
+@pytest.mark.slow
+def test_bench_sharding_smoke(tmp_path):
+    """Eight host devices in the benchmark's own process: no gather in the sharded programs,
+    every variant equal to the one-device run."""
+    out = tmp_path / "sharding.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "perf" / "bench_sharding.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["failed_checks"] == []
+    by_variant = {(r["op"], r["variant"]): r for r in result["records"]}
+    assert all(by_variant[(op, "sharded")]["gathers"] == 0 for op, _ in by_variant)
+    assert any(by_variant[(op, "gathered")]["gathers"] > 0 for op, _ in by_variant)

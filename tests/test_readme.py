@@ -70,7 +70,8 @@ def test_api_at_a_glance_says_what_it_does():
     x = jnp.array([5.0, 1.0, 2.0])
     np.testing.assert_allclose(sortgrad.soft_rank(x, regularization_strength=2.0),
                                [3, 1.25, 1.75])
-    np.testing.assert_allclose(sortgrad.soft_sort(x), [5 / 3, 8 / 3, 11 / 3], rtol=1e-6)
+    np.testing.assert_allclose(sortgrad.soft_sort(x, regularization_strength=1.0),
+                               [5 / 3, 8 / 3, 11 / 3], rtol=1e-6)
     values, indices = sortgrad.top_k(x, 2)
     np.testing.assert_array_equal(values, [5, 2])
     np.testing.assert_array_equal(indices, [0, 2])

@@ -140,13 +140,15 @@ def test_readme_examples():
     x = jnp.array([5.0, 1.0, 2.0])
     np.testing.assert_allclose(sortgrad.soft_rank(x, regularization_strength=2.0),
                                [3.0, 1.25, 1.75], rtol=1e-12)
-    np.testing.assert_allclose(sortgrad.soft_sort(x), [5 / 3, 8 / 3, 11 / 3], rtol=1e-12)
+    np.testing.assert_allclose(sortgrad.soft_sort(x, regularization_strength=1.0),
+                               [5 / 3, 8 / 3, 11 / 3], rtol=1e-12)
     # and the other soft lines of the README, against the references
     _close(sortgrad.soft_top_k_mask(x, 1, regularization_strength=1.0),
            reference_soft_top_k_mask(x, 1, 1.0))
-    _close(sortgrad.soft_quantile(x, 0.5, regularization="kl"),
+    _close(sortgrad.soft_quantile(x, 0.5, regularization="kl"),  # KL: absolute default 1.0
            reference_soft_quantile(x, 0.5, 1.0, "kl"))
-    _close(jax.grad(lambda x: sortgrad.soft_rank(x, regularization="kl")[0])(x),
+    _close(jax.grad(lambda x: sortgrad.soft_rank(x, regularization="kl",
+                                                 regularization_strength=1.0)[0])(x),
            reference_soft_rank_jacobian(x, 1.0, "kl")[0])
 
 
@@ -236,8 +238,9 @@ def test_mask_gradient_zero_on_saturated_ties(k):
     small change of x, so the gradient is exactly 0."""
     x = np.array([10.0, 9.0, 0.0, 0.0, 0.0])
     g = np.array([0.0, 0.0, 1.0, 2.0, -0.5])
-    grad = jax.grad(lambda v: jnp.vdot(sortgrad.soft_top_k_mask(v, k), g))(x)
-    np.testing.assert_allclose(sortgrad.soft_top_k_mask(x, k), [1.0] * k + [0.0] * (5 - k))
+    mask = lambda v: sortgrad.soft_top_k_mask(v, k, regularization_strength=1.0)  # noqa: E731
+    grad = jax.grad(lambda v: jnp.vdot(mask(v), g))(x)
+    np.testing.assert_allclose(mask(x), [1.0] * k + [0.0] * (5 - k))
     np.testing.assert_array_equal(grad, np.zeros(5))
 
 

@@ -56,7 +56,8 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from ... import kernels
-from . import _device
+from . import _device, _sharding
+from ._sharding import as_varying, varying_axes
 
 MODES = ("buffer", "pure")
 _DEFAULT_MODE = os.environ.get("SORTGRAD_CALLBACK", "buffer")
@@ -124,7 +125,15 @@ def _staged(impl, x, route: tuple, static: tuple):
         return impl(x, *static)
 
 
-def staged_call(impl, x, *static):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _staged_sharded(impl, operands: tuple, route: tuple, static: tuple, plan: _sharding.Plan):
+    def per_shard(*local):
+        with routed(route):
+            return impl(local if len(local) > 1 else local[0], *static)
+    return _sharding.run_sharded(per_shard, operands, plan)
+
+
+def staged_call(impl, x, *static, layout: _sharding.Layout):
     """impl(x, *static), compiled once per (impl, static arguments, callback mode, x's type).
 
     Every public op runs its body through this after validating its arguments, so that an
@@ -133,14 +142,26 @@ def staged_call(impl, x, *static):
     Inside an outer `jit`/`grad`/`vmap` this is a nested jit: traced with the caller, no cost
     at run time. `impl` must be a module-level function; `static` hashable (ints, floats,
     strings, bools, tuples of them). The callback mode, the GPU backend choice and an
-    emulated device (tests) are part of the key.
+    emulated device (tests) are part of the key. `x`: one array, or a tuple of operands.
+
+    Sharded x (`layout` says which dims are rows): when its batch dims are split over mesh
+    axes (explicit axes, or a concrete array's NamedSharding), impl runs inside `shard_map`
+    over them: each device on its own rows, nothing gathered (`_sharding.plan`).
     """
     route = current_route()
+    operands = x if isinstance(x, tuple) else (x,)
+    sharded = _sharding.plan(operands, layout)
+    if sharded is not None:
+        run = functools.partial(_staged_sharded, impl, operands, route, tuple(static), sharded)
+    else:
+        if _traced(x):
+            _sharding.warn_if_unseen()
+        run = functools.partial(_staged, impl, x, route, tuple(static))
     if route[0] != "pure" or _traced(x):
-        return _staged(impl, x, route, tuple(static))
+        return run()
     # Pure mode: one eager program at a time, run to completion (see the module docstring).
     with _PURE_EAGER_LOCK:
-        return jax.block_until_ready(_staged(impl, x, route, tuple(static)))
+        return jax.block_until_ready(run())
 
 
 _PURE_EAGER_LOCK = threading.Lock()
@@ -293,6 +314,14 @@ def kernel_call(kernel_fn, result_specs, *args):
     (ShapeDtypeStructs): a tuple of arrays. `kernel_fn` must be hashable and stable across
     traces (module-level, or from a cached factory): GPU scratch sizes are cached per pass."""
     result_specs = tuple(result_specs)
+    # Inside shard_map the callback runs on each device's shard: its arguments and results
+    # vary over the manual axes any argument varies over (a callback's results carry none).
+    axes = varying_axes(*args)
+    args = as_varying(args, axes)
+    return as_varying(_dispatch(kernel_fn, result_specs, args), axes)
+
+
+def _dispatch(kernel_fn, result_specs, args):
     if _mode.get() == "pure":
         return _pure_call(kernel_fn, result_specs, args)
     emulated = _emulated.get()

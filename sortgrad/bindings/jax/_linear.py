@@ -25,12 +25,14 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ._call import current_route, routed
+from ._sharding import as_varying, varying_axes
 
-__all__ = ["LinearOp", "apply_linear"]
+__all__ = ["LinearOp", "apply_linear", "integer_tangent"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,13 @@ class LinearOp:
     def transposed(self) -> "LinearOp":
         return LinearOp(f"{self.name}_T", self.transpose, self.apply, self.transpose_reference,
                         self.reference)
+
+
+def integer_tangent(a):
+    """The (zero, float0) tangent of an integer output `a` of a custom JVP rule, varying over
+    the manual mesh axes `a` varies over (inside shard_map)."""
+    zero = np.zeros(a.shape, dtype=jax.dtypes.float0)
+    return as_varying((zero,), varying_axes(a))[0]
 
 
 _linear_p = Primitive("sortgrad_linear")
@@ -74,9 +83,9 @@ def _impl(*args, op, num_res, route):
 
 
 def _abstract_eval(*avals, op, num_res, route):
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    outs = jax.eval_shape(lambda *a: _run(op.apply, a, route), *specs)
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+    # The map traced on the full avals: shardings and, inside shard_map, the manual axes the
+    # results vary over (check_vma) are what the map's own JAX ops give.
+    return list(jax.make_jaxpr(lambda *a: _run(op.apply, a, route))(*avals).out_avals)
 
 
 def _lowering(ctx, *args, op, num_res, route):
@@ -96,7 +105,7 @@ def _jvp(primals, tangents, *, op, num_res, route):
         lin_t = [ad.instantiate_zeros(t) for t in lin_t]
         out_t = list(_linear_p.bind(*res, *lin_t, op=op, num_res=num_res, route=route))
     if op.reference is not None and not all(_is_zero(t) for t in res_t):
-        res_t = [jnp.zeros(r.shape, jax.dtypes.float0) if not _differentiable(r)
+        res_t = [integer_tangent(r) if not _differentiable(r)
                  else ad.instantiate_zeros(t) for r, t in zip(res, res_t)]
 
         def in_residuals(*r):

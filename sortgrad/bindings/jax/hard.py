@@ -12,7 +12,8 @@ from ... import kernels
 from ..._validate import check_bool, check_k, check_key_dtype, is_float_dtype
 from ._args import array_and_axis, as_jax_array
 from ._call import device_dependent, kernel_call, staged_call
-from ._linear import LinearOp, apply_linear
+from ._sharding import rowwise
+from ._linear import LinearOp, apply_linear, integer_tangent
 
 __all__ = ["sort", "argsort", "top_k"]
 
@@ -75,10 +76,6 @@ def _gathered_tangent(perm, dx):
     return apply_linear(_gather_op(dx.shape[-1]), (perm,), (dx,))[0]
 
 
-def _int_tangent(a):
-    return np.zeros(a.shape, dtype=jax.dtypes.float0)
-
-
 # --- differentiable cores on the last axis ---------------------------------------------------
 
 def _keyed(call, x, *static):
@@ -128,7 +125,7 @@ def _sort_last(x, descending):
 @_sort_last.defjvp
 def _sort_last_jvp(descending, primals, tangents):
     values, perm = _sort_last(primals[0], descending)
-    return (values, perm), (_gathered_tangent(perm, tangents[0]), _int_tangent(perm))
+    return (values, perm), (_gathered_tangent(perm, tangents[0]), integer_tangent(perm))
 
 
 def _top_k_call(x, k):
@@ -149,7 +146,7 @@ def _top_k_last(x, k):
 @_top_k_last.defjvp
 def _top_k_last_jvp(k, primals, tangents):
     values, indices = _top_k_last(primals[0], k)
-    return (values, indices), (_gathered_tangent(indices, tangents[0]), _int_tangent(indices))
+    return (values, indices), (_gathered_tangent(indices, tangents[0]), integer_tangent(indices))
 
 
 # --- public ops -------------------------------------------------------------------------------
@@ -188,11 +185,14 @@ def sort(x, *, axis: int | None = -1, descending: bool = False):
     position its value came from, the tangent is gathered from there (as JAX's own rules for
     jnp.sort); second derivatives are zero. Integer x has no gradient.
     Works under jit, vmap, grad, jvp, jacfwd, jacrev, hessian.
+    Sharded x (shard_map, explicit mesh axes, eager NamedSharding): each device sorts its own
+    rows, nothing gathered; a split `axis` is gathered first (README "Several devices").
     """
     x, axis = _prepare(x, axis)
     if jnp.iscomplexobj(x):
         return _complex("complex_sort")(x, axis=axis, descending=descending)
-    return staged_call(_sort_impl, x, axis, check_bool(descending, "descending"))
+    return staged_call(_sort_impl, x, axis, check_bool(descending, "descending"),
+                       layout=rowwise(x.ndim, axis))
 
 
 def _sort_impl(x, axis, descending):
@@ -214,6 +214,8 @@ def argsort(x, *, axis: int | None = -1, descending: bool = False, dtype=None):
     Complex keys are ordered as `jnp.argsort` orders them (real part, then imaginary).
     axis=None: indices into the flattened array. dtype: an integer dtype for the indices
     (default int32; int64 needs x64, as in JAX). Integer output: no gradient.
+    Sharded x (shard_map, explicit mesh axes, eager NamedSharding): each device sorts its own
+    rows, nothing gathered; a split `axis` is gathered first (README "Several devices").
     """
     if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"dtype must be an integer dtype, got {dtype!r}")
@@ -221,7 +223,8 @@ def argsort(x, *, axis: int | None = -1, descending: bool = False, dtype=None):
     if jnp.iscomplexobj(x):
         indices = _complex("complex_argsort")(x, axis=axis, descending=descending)
     else:
-        indices = staged_call(_argsort_impl, x, axis, check_bool(descending, "descending"))
+        indices = staged_call(_argsort_impl, x, axis, check_bool(descending, "descending"),
+                              layout=rowwise(x.ndim, axis))
     return indices if dtype is None else indices.astype(dtype)
 
 
@@ -251,6 +254,8 @@ def top_k(x, k: int, *, axis: int = -1):
     `axis` of the outputs has length k; indices are int32. Complex x: TypeError (as lax).
     Derivatives of `values` (floating x): exact -- cotangents scattered back to `indices`,
     tangents gathered from them; second derivatives zero; indices have none.
+    Sharded x (shard_map, explicit mesh axes, eager NamedSharding): each device sorts its own
+    rows, nothing gathered; a split `axis` is gathered first (README "Several devices").
     """
     if axis is None:
         raise TypeError("top_k needs an integer axis (lax.top_k has no axis=None)")
@@ -258,7 +263,7 @@ def top_k(x, k: int, *, axis: int = -1):
     if jnp.iscomplexobj(x):
         raise TypeError(f"top_k takes floating, integer or bool x, got {x.dtype}")
     k = check_k(k, x.shape[axis])
-    return staged_call(_top_k_impl, x, k, axis)
+    return staged_call(_top_k_impl, x, k, axis, layout=rowwise(x.ndim, axis))
 
 
 def _top_k_impl(x, k, axis):

@@ -17,11 +17,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..._validate import check_k, check_positive_float, check_positive_int
 from ._args import array_and_axis, compute_dtype
-from ._call import current_route, routed
+from ._call import staged_call
+from ._linear import integer_tangent
+from ._sharding import Layout, plan as sharding_plan
 from .hard import top_k as _sortgrad_top_k
 
 # Which top-k computes the hard selections of the perturbed batch. "sortgrad" is the public op;
@@ -80,8 +81,7 @@ def _perturbed_last_jvp(k, sigma, selector, primals, tangents):
     p, idx, nan_rows = _perturbed_last(x, z, k, sigma, selector)
     dp = _estimator_tangent(jax.lax.stop_gradient(z), idx, nan_rows, tangents[0], sigma,
                             x.shape[-1])
-    return (p, idx, nan_rows), (dp, np.zeros(idx.shape, jax.dtypes.float0),
-                                np.zeros(nan_rows.shape, jax.dtypes.float0))
+    return (p, idx, nan_rows), (dp, integer_tangent(idx), integer_tangent(nan_rows))
 
 
 def _estimator_tangent(z, idx, nan_rows, dx, sigma, n):
@@ -112,13 +112,10 @@ def _estimator_tangent(z, idx, nan_rows, dx, sigma, n):
 
 # --- public op ----------------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _perturbed_core(x, z, k, sigma, axis, selector, route):
-    # one compiled program per configuration (callback route included) for eager calls;
-    # inlined under an outer jit
-    with routed(route):
-        xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
-        return _perturbed_last(xl, z, k, sigma, selector)[0].astype(x.dtype)
+def _perturbed_impl(operands, k, sigma, axis, selector):
+    x, z = operands
+    xl = jnp.moveaxis(x, axis, -1).astype(z.dtype)
+    return _perturbed_last(xl, z, k, sigma, selector)[0].astype(x.dtype)
 
 
 def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
@@ -134,9 +131,20 @@ def _perturbed_top_k(key, x, k, num_samples, sigma, axis, selector):
     batch = tuple(d for i, d in enumerate(x.shape) if i != axis)
     if k == 0 or x.size == 0:
         return jnp.zeros(batch + (k, n), x.dtype)
-    # drawn outside the compiled core: eager calls then share JAX's cached sampler program
-    z = jax.random.normal(key, (num_samples,) + batch + (n,), dtype)
-    return _perturbed_core(x, z, k, sigma, axis, selector, current_route())
+    rows = tuple(d for d in range(x.ndim) if d != axis)
+    layout = Layout(axis, operands=(tuple(range(x.ndim)), (None,) + rows + (axis,)),
+                    results=rows + (None, None))
+    # Z is drawn outside the compiled core (eager calls then share JAX's cached sampler
+    # program); for batch-sharded x it is drawn split like x's rows (the same numbers: the
+    # sampler is partitionable), so no device holds all of it.
+    plan = sharding_plan((x,), layout)
+    shape = (num_samples,) + batch + (n,)
+    if plan is None:
+        z = jax.random.normal(key, shape, dtype)
+    else:
+        z = plan.create(partial(jax.random.normal, shape=shape, dtype=dtype),
+                        layout.operands[1], key)
+    return staged_call(_perturbed_impl, (x, z), k, sigma, axis, selector, layout=layout)
 
 
 def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0.1,
@@ -189,6 +197,11 @@ def perturbed_top_k(key, x, k: int, *, num_samples: int = 1000, sigma: float = 0
     transposes; jacfwd equals jacrev); second derivatives are zero (the estimator's weights do
     not depend on x given the draws). Works under jit, vmap (over x and/or key), grad, jvp,
     jacfwd, hessian.
+
+    Sharding: for x split over explicit mesh axes (or an eager NamedSharding) along its batch
+    dims, Z is drawn split the same way (the same numbers as unsplit) and each device runs
+    its own rows. Inside `jax.shard_map` each shard draws Z for its own rows from `key` (the
+    same stream on every shard: fold in `jax.lax.axis_index` for independent draws).
 
     Special values: if a row of x (along `axis`) contains a NaN, that row's whole (k, n) block
     of P is NaN, and so is its gradient (other rows are unaffected). +-inf entries are fine:
