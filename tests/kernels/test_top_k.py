@@ -472,8 +472,7 @@ def test_kth_largest_selection(width):
                                      ((2, 70000), 5)])
 def test_scatter_of_top_k_indices_zero_fills(shape, k):
     """The backward of top-k, permutation_scatter(g, indices, n): one pass that zero-fills
-    the output (here garbage first) and puts g at the indices; large outputs take the
-    huge-page advice first."""
+    the output (here garbage first) and puts g at the indices."""
     from sortgrad.kernels import permutation_scatter
     from sortgrad.testing import filled_bytes
     rng = np.random.default_rng(4)

@@ -5,9 +5,6 @@ separate fill would stream the whole output through memory twice)."""
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import numba
 import numpy as np
 
@@ -38,40 +35,6 @@ def _inverse_rows(perm, out):
             out[r, perm[r, i]] = i
 
 
-# Outputs at least this large are first advised to the kernel as huge-page memory (as NumPy
-# does for its own large arrays): XLA hands over freshly mapped buffers, and their first touch
-# -- our zero fill -- costs one page fault per 4 KiB (~2 us each in a VM: 35 ms for 64 MiB,
-# ten times the fill itself); with 2 MiB pages it is a few hundred faults.
-_HUGE_PAGES_MIN_BYTES = 4 << 20
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux
-_madvise = None
-
-
-def _advise_huge_pages(a: np.ndarray) -> None:
-    """madvise(MADV_HUGEPAGE) on the 2 MiB pages inside `a`'s memory (Linux; a no-op
-    elsewhere or where the call fails). Only a hint: the contents and the mapping stay."""
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fn = libc.madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _madvise = fn
-            except (OSError, AttributeError):
-                pass
-    if not _madvise:
-        return
-    start = a.ctypes.data
-    begin = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-    end = (start + a.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if end > begin:
-        _madvise(begin, end - begin, _MADV_HUGEPAGE)
-
-
 def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int, *, out=None) -> np.ndarray:
     """out[r, perm[r, i]] = values[r, i], zeros elsewhere; out (rows, n) of values' dtype."""
     rows = perm.shape[0]
@@ -85,10 +48,12 @@ def scatter_rows(values: np.ndarray, perm: np.ndarray, n: int, *, out=None) -> n
         return out
     if out.size == 0:
         return out
-    if out.nbytes >= _HUGE_PAGES_MIN_BYTES:
-        _advise_huge_pages(out)
-    # (a single long row stays on one thread: splitting its fill over two was no faster on
-    # the 2-core machine, the fill runs at memory speed)
+    # A single long row stays on one thread: splitting its fill over two was no faster on the
+    # 2-core machine (the fill runs at memory speed). XLA hands over freshly mapped output
+    # buffers of 32 MiB and more, whose first touch costs a page fault per 4 KiB (~2 us in the
+    # VM: ~35 ms for 64 MiB, ten times the fill); madvise(MADV_HUGEPAGE) cut that to ~8 ms when
+    # calls came back to back, but made it 100-300 ms when the VM host had reclaimed the freed
+    # huge pages between calls (interleaved benchmark rounds), so the pages are left alone.
     _zero_scatter_rows(out.view(bits), values.view(bits), perm)
     return out
 
