@@ -103,3 +103,16 @@ def test_bench_sharding_smoke(tmp_path):
     by_variant = {(r["op"], r["variant"]): r for r in result["records"]}
     assert all(by_variant[(op, "sharded")]["gathers"] == 0 for op, _ in by_variant)
     assert any(by_variant[(op, "gathered")]["gathers"] > 0 for op, _ in by_variant)
+
+
+@pytest.mark.slow
+def test_bench_top_k_cpu_smoke(tmp_path):
+    out = tmp_path / "topk.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "perf" / "bench_top_k_cpu.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["summary"]["failed_checks"] == 0
+    assert result["records"] and all(r["agree"] for r in result["records"])
+    assert {r["pass"] for r in result["records"]} == {"fwd", "fwd+bwd"}
