@@ -116,3 +116,16 @@ def test_bench_top_k_cpu_smoke(tmp_path):
     assert result["summary"]["failed_checks"] == 0
     assert result["records"] and all(r["agree"] for r in result["records"])
     assert {r["pass"] for r in result["records"]} == {"fwd", "fwd+bwd"}
+
+
+@pytest.mark.slow
+def test_bench_call_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "perf" / "bench_call_overhead.py"),
+                           "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = {r["op"]: r for r in json.loads(out.read_text())["records"]}
+    assert {"x + 1", "callback floor", "sort", "soft_rank eps=1", "eager sort"} <= set(records)
+    assert all(r["us"] > 0 for r in records.values())
+    assert records["sort"]["comparison"] == "jnp.sort"

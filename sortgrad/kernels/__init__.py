@@ -11,7 +11,9 @@ isotonic_regression(_vjp), soft_rank(_vjp), soft_sort(_vjp), soft_top_k_mask(_vj
 device scratch policy of the calling thread (`_cuda/workspace.py`): `use_scratch(buffer)` (the
 device backends carve their outputs and scratch from a given 1-D uint8 device buffer) and
 `measure_scratch()` (count what they allocate), `device_unavailable(backend)` (why a device
-backend cannot run here, or None) and `GPU_EXTRA` (the pip extras to name).
+backend cannot run here, or None), `GPU_EXTRA` (the pip extras to name), and
+`record_call(fn, arrays, out)` -> (result, `CallPlan` or None): a CPU call recorded once per
+array signature and replayed without its Python-level checks (`_plans.py`).
 
 NaNs in the hard ops, as JAX on XLA:CPU: segmented_sort / segmented_argsort tie every NaN (any
 sign, any payload) above +inf; top_k orders floats by IEEE totalOrder (-NaN lowest, +NaN
@@ -27,8 +29,10 @@ from ._backends import OPS as _OPS
 from ._cuda.workspace import measuring as measure_scratch
 from ._cuda.workspace import use as use_scratch
 from ._jit_cache import ensure_fresh as _ensure_fresh
+from ._plans import CallPlan, record_call
 
-__all__ = ["use_scratch", "measure_scratch", "GPU_EXTRA", "device_unavailable"]
+__all__ = ["use_scratch", "measure_scratch", "GPU_EXTRA", "device_unavailable", "record_call",
+           "CallPlan"]
 for _op in _OPS:
     _package = _importlib.import_module(f".{_op}", __name__)
     for _name in _package.__all__:

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from ._plans import step
 from ._rows import as_rows
 
 BACKENDS = ("cpu", "cupy", "numba")
@@ -283,10 +284,11 @@ def output_rows(out, specs, backend: str):
 
 def call_rows(op: str, function: str, backend: str, stream, *args, out=None, **options):
     """`sortgrad.kernels.<op>.<module of backend>.<function>(*args, out=out, **options
-    [, stream=stream])`: the one place a public kernel hands validated rows to a backend."""
+    [, stream=stream])`: the one place a public kernel hands validated rows to a backend (a
+    step of a call plan, `_plans.py`)."""
     fn = getattr(backend_module(op, backend), function)
     if backend == "cpu":
-        return fn(*args, out=out, **options)
+        return step(fn, *args, out=out, **options)
     return fn(*args, out=out, stream=stream, **options)
 
 

@@ -22,6 +22,7 @@ import functools
 import numba
 import numpy as np
 
+from .._validate import dtype_name
 from ._rows import row_parallel
 
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -135,7 +136,7 @@ def composite_keys(bits, spec, out):
 def canonical_nan_bits(dtype) -> int:
     """The quiet NaN (sign clear) that sorts and top-k of `dtype` write for every NaN, as
     XLA:CPU does (bfloat16: 0x7FC0, the sign kept); 0 where NaNs keep their bits."""
-    return _CANONICAL_NAN_BITS.get(np.dtype(dtype).name, 0)
+    return _CANONICAL_NAN_BITS.get(dtype_name(dtype), 0)
 
 
 def canonicalize_nans(values: np.ndarray, where=None) -> None:
@@ -148,7 +149,7 @@ def canonicalize_nans(values: np.ndarray, where=None) -> None:
     b = raw_bits(values)
     width = values.dtype.itemsize * 8
     sign = 1 << (width - 1)
-    nan = (b & (sign - 1)) > _EXPONENT_MASK[values.dtype.name]
+    nan = (b & (sign - 1)) > _EXPONENT_MASK[dtype_name(values.dtype)]
     if where is not None:
         nan &= where
     b[nan] = (b[nan] & sign) | nan_bits

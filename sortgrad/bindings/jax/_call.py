@@ -150,14 +150,15 @@ def staged_call(impl, x, *static, layout: _sharding.Layout):
     """
     route = current_route()
     operands = x if isinstance(x, tuple) else (x,)
+    traced = _traced(operands)
     sharded = _sharding.plan(operands, layout)
     if sharded is not None:
         run = functools.partial(_staged_sharded, impl, operands, route, tuple(static), sharded)
     else:
-        if _traced(x):
+        if traced:
             _sharding.warn_if_unseen()
         run = functools.partial(_staged, impl, x, route, tuple(static))
-    if route[0] != "pure" or _traced(x):
+    if route[0] != "pure" or traced:
         return run()
     # Pure mode: one eager program at a time, run to completion (see the module docstring).
     with _PURE_EAGER_LOCK:
@@ -167,8 +168,8 @@ def staged_call(impl, x, *static, layout: _sharding.Layout):
 _PURE_EAGER_LOCK = threading.Lock()
 
 
-def _traced(x) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
+def _traced(operands: tuple) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(operands))
 
 
 class KernelError(RuntimeError):
@@ -207,12 +208,15 @@ def _run_pass(kernel_fn, arrays, **kwargs):
     try:
         return kernel_fn(*arrays, **kwargs)
     except Exception as exc:
-        out = kwargs.get("out")
-        where = f"arguments {_describe(arrays)}"
-        where += "; results allocated by the kernel" if out is None else \
-            f"; results {_describe(out)}"
-        raise KernelError(f"sortgrad {pass_name(kernel_fn)}: {type(exc).__name__}: {exc} "
-                          f"({where})") from exc
+        raise _kernel_error(kernel_fn, arrays, kwargs.get("out"), exc) from exc
+
+
+def _kernel_error(kernel_fn, arrays, out, exc) -> KernelError:
+    where = f"arguments {_describe(arrays)}"
+    where += "; results allocated by the kernel" if out is None else \
+        f"; results {_describe(out)}"
+    return KernelError(f"sortgrad {pass_name(kernel_fn)}: {type(exc).__name__}: {exc} "
+                       f"({where})")
 
 
 def _spec_key(specs) -> tuple:
@@ -283,10 +287,29 @@ def _gpu_call(kernel_fn, result_specs, args, platform=None):
     return _device_call(platform, kernel_fn, result_specs, args)
 
 
+_UNRECORDED = object()
+
+
 def _host_call(kernel_fn, result_specs, args):
+    # One recorded call plan per argument signature (vmap re-binds the callback with batched
+    # shapes): later calls replay it, without the kernel API's checks (`kernels.record_call`;
+    # None: no plan, the normal call).
+    plans = {}
+
     def host_pass(ctx, outs, *buffers):
-        _run_pass(kernel_fn, [np.asarray(b) for b in buffers],
-                  out=tuple(np.asarray(o) for o in outs))
+        arrays = [np.asarray(b) for b in buffers]
+        results = tuple(np.asarray(o) for o in outs)
+        key = tuple(a.shape for a in arrays)
+        plan = plans.get(key, _UNRECORDED)
+        try:
+            if plan is _UNRECORDED:
+                plans[key] = kernels.record_call(kernel_fn, arrays, results)[1]
+            elif plan is None:
+                kernel_fn(*arrays, out=results)
+            else:
+                plan(arrays, results)
+        except Exception as exc:
+            raise _kernel_error(kernel_fn, arrays, results, exc) from exc
     return tuple(buffer_callback(host_pass, result_specs, vmap_method="broadcast_all")(*args))
 
 

@@ -8,6 +8,7 @@ from ..._validate import (check_index_dtype, check_int, check_ndim, check_row_le
                           check_rows, check_same_shape)
 from .._backends import (as_backend_array, call_rows, check_data_dtype,
                          output_rows, resolve_backend, rows_of, shape_of, shaped)
+from .._plans import step
 
 __all__ = ["inverse_permutation", "permutation_scatter"]
 
@@ -21,9 +22,13 @@ def _index_rows(perm, name: str, n: int, backend: str):
         if np.dtype(perm.dtype) != np.int32:
             raise TypeError(f"{name} must be int32 on backend={backend!r}, got dtype {perm.dtype}")
         return rows_of(perm, backend)
+    step(_check_in_range, perm, n, name)  # every call's entries (memory safety)
+    return rows_of(perm, backend, np.int32)
+
+
+def _check_in_range(perm, n: int, name: str) -> None:
     if perm.size and (perm.min() < 0 or perm.max() >= n):
         raise ValueError(f"{name} has entries outside [0, {n})")
-    return rows_of(perm, backend, np.int32)
 
 
 def inverse_permutation(perm, *, out=None, backend: str | None = None, stream=None):
