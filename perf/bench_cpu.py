@@ -32,6 +32,24 @@ baselines the ratio sortgrad / baseline (> 1: sortgrad is slower).
   python perf/bench_cpu.py --smoke              # tiny sizes, a few seconds (CI)
   python perf/bench_cpu.py --only 'soft_rank*' --shapes 1024x1000 --dtypes float32
 
+Soft ops are timed in interleaved rounds (`--rounds`, default 5): each round times sortgrad
+fwd, torchsort fwd, sortgrad fwd+bwd, torchsort fwd+bwd in turn, so drifting load on a shared
+machine hits both sides alike; medians over all rounds, and the ratio of the medians.
+
+Long rows and memory (issue 15):
+  --long-rows        adds the shapes 1x1000000 and 1x4000000 to the soft-op cases
+  --sweep            time per element of the soft ops' fwd+bwd on one row of 2^10 .. 2^22
+                     elements ("sweep" records, ns per element, sortgrad and torchsort)
+  --memory           peak extra memory of the soft ops' fwd+bwd (and torchsort's), one fresh
+                     subprocess per case ("memory" records). Measured as the growth of the
+                     process's resident set during the first call at full size: the inputs x
+                     and w exist and the executable is compiled (and warmed on a tiny shape:
+                     Numba / XLA code loaded) before; then /proc/self/clear_refs resets the
+                     high-water mark (VmHWM) to the current RSS, the call runs, and
+                     VmHWM - VmRSS(before) is the peak extra memory: outputs, residuals and
+                     temporaries, not the inputs. Reported in bytes and bytes per element.
+                     Linux only.
+
 Run it on an otherwise idle machine: the soft kernels use Numba's parallel threads, torch its
 intra-op pool, XLA its own; anything else running skews all of them.
 """
@@ -65,6 +83,9 @@ jax.config.update("jax_enable_x64", True)  # float64 runs; explicit dtypes every
 import jax.numpy as jnp  # noqa: E402
 
 SHAPES = [(1024, 1000), (128, 1000), (1024, 100), (1, 100000)]
+LONG_SHAPES = [(1, 1000000), (1, 4000000)]  # --long-rows
+SWEEP_LOG2 = range(10, 23)  # --sweep: one row of 2^10 .. 2^22 elements
+MEMORY_SHAPES = [(1024, 100000), (1, 4000000)]  # --memory (float32, and --dtypes)
 SMOKE_SHAPES = [(16, 100), (1, 2000)]
 DTYPES = ["float32", "float64"]
 TOP_K = 16
@@ -127,6 +148,37 @@ def measure(call, repeats: int, warmup: int, max_seconds: float) -> dict:
         if gc_was_enabled:
             gc.enable()
     return timing_stats(np.asarray(times) * 1e3, unit="ms", count_key="samples", iqr=True)
+
+
+def measure_rounds(calls: dict, rounds: int, repeats: int, warmup: int,
+                   max_seconds: float) -> dict:
+    """Times each `calls[name]()` in `rounds` interleaved rounds (in each round every call
+    runs its share of `repeats` in turn); {name: timing stats over all its samples}. A case
+    stops after `max_seconds` per call once every call has 5 samples."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples = {name: [] for name in calls}
+    per_round = max(1, -(-repeats // rounds))
+    budget_end = time.perf_counter() + max_seconds * len(calls)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, call in calls.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    call()
+                    samples[name].append(time.perf_counter() - t0)
+            if (min(len(v) for v in samples.values()) >= 5
+                    and time.perf_counter() > budget_end):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: {**timing_stats(np.asarray(v) * 1e3, unit="ms", count_key="samples",
+                                  iqr=True), "rounds": rounds}
+            for name, v in samples.items()}
 
 
 def _block(out):
@@ -220,11 +272,21 @@ class Bench:
     def link_ratios(self):
         """For each baseline record: ratio = sortgrad median / baseline median."""
         by_key = {}
-        for r in self.records:
+        timed = [r for r in self.records if r["op"] != "memory"]
+        for r in timed:
             if r["impl"].startswith("sortgrad"):
-                by_key[(r["label"], r["pass"], r["shape_str"], r["dtype"])] = r
-        for r in self.records:
-            sg = by_key.get((r["label"], r["pass"], r["shape_str"], r["dtype"]))
+                by_key[(r["op"], r["label"], r["pass"], r["shape_str"], r["dtype"])] = r
+        for r in self.records:  # memory: ratio of the peak extra bytes
+            if r["op"] == "memory" and r["impl"] == "torchsort":
+                sg = next((m for m in self.records if m["op"] == "memory"
+                           and m["impl"] == "sortgrad" and m["label"] == r["label"]
+                           and m["shape_str"] == r["shape_str"] and m["dtype"] == r["dtype"]),
+                          None)
+                if sg and sg.get("peak_extra_bytes") and r.get("peak_extra_bytes"):
+                    r["ratio_sortgrad_over_baseline"] = (sg["peak_extra_bytes"]
+                                                         / r["peak_extra_bytes"])
+        for r in timed:
+            sg = by_key.get((r["op"], r["label"], r["pass"], r["shape_str"], r["dtype"]))
             if r["impl"].startswith("sortgrad"):
                 r["ratio_sortgrad_over_baseline"] = None
             elif sg is not None:
@@ -252,58 +314,133 @@ class Bench:
                 x, w = jnp.asarray(x_np), jnp.asarray(w_np)
                 y_sg = np.asarray(_block(fwd(x)))
                 g_sg = np.asarray(_block(grad(x, w)))
-                t_fwd = self.time(lambda: _block(fwd(x)))
-                t_bwd = self.time(lambda: _block(grad(x, w)))
+                calls = {"sortgrad fwd": lambda: _block(fwd(x)),
+                         "sortgrad fwd+bwd": lambda: _block(grad(x, w))}
                 common = dict(op=op, label=label, variant=reg, shape=shape, dtype=dtype)
-                self.add(**common, pass_="fwd", impl="sortgrad", timing=t_fwd)
-                self.add(**common, pass_="fwd+bwd", impl="sortgrad", timing=t_bwd)
-                if ts is None:
-                    continue
-                ts_op = getattr(ts, op)
-                xt = torch.from_numpy(x_np.copy())
-                wt = torch.from_numpy(w_np.copy())
-                xg = xt.clone().requires_grad_(True)
+                checks = {}
+                if ts is not None:
+                    ts_op = getattr(ts, op)
+                    xt = torch.from_numpy(x_np.copy())
+                    wt = torch.from_numpy(w_np.copy())
+                    xg = xt.clone().requires_grad_(True)
 
-                def t_forward(ts_op=ts_op, reg=reg):
-                    with torch.no_grad():
-                        return ts_op(xt, regularization=reg, regularization_strength=EPS)
+                    def t_forward(ts_op=ts_op, reg=reg, xt=xt):
+                        with torch.no_grad():
+                            return ts_op(xt, regularization=reg, regularization_strength=EPS)
 
-                def t_backward(ts_op=ts_op, reg=reg):
-                    xg.grad = None
-                    (ts_op(xg, regularization=reg, regularization_strength=EPS)
-                     * wt).sum().backward()
-                    return xg.grad
+                    def t_backward(ts_op=ts_op, reg=reg, xg=xg, wt=wt):
+                        xg.grad = None
+                        (ts_op(xg, regularization=reg, regularization_strength=EPS)
+                         * wt).sum().backward()
+                        return xg.grad
 
-                y_ts = t_forward().numpy()
-                g_ts = t_backward().numpy()
-                # The reference is torchsort in float64 on the same input values: sortgrad
-                # computes soft ops in float64 internally, torchsort in the input dtype, and
-                # torchsort's float32 KL soft_rank gradient is off by up to ~10% of max|g|
-                # at 128x1000 (float32 cancellation), so a float32 reference would flag
-                # torchsort's error as ours. Same-dtype agreement is recorded as well.
-                if dtype == "float64":
-                    y_ref, g_ref = y_ts, g_ts
-                else:
-                    y_ref, g_ref = _torchsort_f64(torch, ts_op, reg, x_np, w_np)
-                tol = SOFT_TOL[dtype]
-                # hard requirement: L2 values and gradients; KL recorded only
-                chk_f = close(y_sg, y_ref, tol)
-                chk_f["reference"] = "torchsort float64"
-                chk_f["max_rel_err_same_dtype"] = close(y_sg, y_ts, tol)["max_rel_err"]
-                ties = tied_elements(x_np)
-                g_sg_t, g_ref_t = tie_group_mean(g_sg, x_np), tie_group_mean(g_ref, x_np)
-                chk_b = close(g_sg_t, g_ref_t, tol)
-                chk_b["reference"] = "torchsort float64"
-                chk_b["max_rel_err_same_dtype"] = close(
-                    g_sg_t, tie_group_mean(g_ts, x_np), tol)["max_rel_err"]
-                chk_b["tied_pairs"] = ties
-                if ties:
-                    chk_b["max_rel_err_raw"] = close(g_sg, g_ref, tol)["max_rel_err"]
-                    chk_b["check"] += " (gradients averaged over groups of tied inputs)"
-                self.add(**common, pass_="fwd", impl="torchsort",
-                         timing=self.time(t_forward), check=chk_f, required=reg == "l2")
-                self.add(**common, pass_="fwd+bwd", impl="torchsort",
-                         timing=self.time(t_backward), check=chk_b, required=reg == "l2")
+                    checks = self._soft_checks(ts_op, reg, x_np, w_np, dtype, y_sg, g_sg,
+                                               t_forward().numpy(), t_backward().numpy())
+                    calls = {"sortgrad fwd": calls["sortgrad fwd"], "torchsort fwd": t_forward,
+                             "sortgrad fwd+bwd": calls["sortgrad fwd+bwd"],
+                             "torchsort fwd+bwd": t_backward}
+                a = self.args
+                timings = measure_rounds(calls, a.rounds, a.repeats, a.warmup, a.max_seconds)
+                for name, timing in timings.items():
+                    impl, pass_ = name.split(" ")
+                    self.add(**common, pass_=pass_, impl=impl, timing=timing,
+                             check=checks.get(pass_) if impl == "torchsort" else None,
+                             required=reg == "l2")
+
+    def _soft_checks(self, ts_op, reg, x_np, w_np, dtype, y_sg, g_sg, y_ts, g_ts):
+        """{"fwd": check, "fwd+bwd": check} of sortgrad against torchsort (see the module
+        docstring)."""
+        torch = self.torch
+        # The reference is torchsort in float64 on the same input values: sortgrad
+        # computes soft ops in float64 internally, torchsort in the input dtype, and
+        # torchsort's float32 KL soft_rank gradient is off by up to ~10% of max|g|
+        # at 128x1000 (float32 cancellation), so a float32 reference would flag
+        # torchsort's error as ours. Same-dtype agreement is recorded as well.
+        if dtype == "float64":
+            y_ref, g_ref = y_ts, g_ts
+        else:
+            y_ref, g_ref = _torchsort_f64(torch, ts_op, reg, x_np, w_np)
+        tol = SOFT_TOL[dtype]
+        # hard requirement: L2 values and gradients; KL recorded only
+        chk_f = close(y_sg, y_ref, tol)
+        chk_f["reference"] = "torchsort float64"
+        chk_f["max_rel_err_same_dtype"] = close(y_sg, y_ts, tol)["max_rel_err"]
+        ties = tied_elements(x_np)
+        g_sg_t, g_ref_t = tie_group_mean(g_sg, x_np), tie_group_mean(g_ref, x_np)
+        chk_b = close(g_sg_t, g_ref_t, tol)
+        chk_b["reference"] = "torchsort float64"
+        chk_b["max_rel_err_same_dtype"] = close(
+            g_sg_t, tie_group_mean(g_ts, x_np), tol)["max_rel_err"]
+        chk_b["tied_pairs"] = ties
+        if ties:
+            chk_b["max_rel_err_raw"] = close(g_sg, g_ref, tol)["max_rel_err"]
+            chk_b["check"] += " (gradients averaged over groups of tied inputs)"
+        return {"fwd": chk_f, "fwd+bwd": chk_b}
+
+    # .. long-row sweep: time per element of fwd+bwd on one row
+    def sweep(self, dtypes):
+        """fwd+bwd of each selected soft op on one row of 2^k elements (SWEEP_LOG2), sortgrad
+        and torchsort interleaved; records with op "sweep" and ns_per_element."""
+        torch, ts = self.torch, self.torchsort
+        a = self.args
+        rng = np.random.default_rng(a.seed + 1)
+        for log2 in (range(10, 12) if a.smoke else SWEEP_LOG2):
+            n = 1 << log2
+            base_x, base_w = rng.standard_normal((1, n)), rng.standard_normal((1, n))
+            for dtype in dtypes:
+                gc.collect()
+                x_np, w_np = base_x.astype(dtype), base_w.astype(dtype)
+                x, w = jnp.asarray(x_np), jnp.asarray(w_np)
+                for op in SOFT_OPS:
+                    for reg in REGULARIZATIONS:
+                        label = f"{op}_{reg}"
+                        if not self.selected(label) or not self.has(op):
+                            continue
+                        sg_op = getattr(self.sg, op)
+                        grad = jax.jit(jax.grad(lambda x, w, f=sg_op, reg=reg: (f(
+                            x, regularization_strength=EPS, regularization=reg) * w).sum()))
+                        calls = {"sortgrad": lambda grad=grad: _block(grad(x, w))}
+                        if ts is not None:
+                            xg = torch.from_numpy(x_np.copy()).requires_grad_(True)
+                            wt = torch.from_numpy(w_np.copy())
+
+                            def t_backward(ts_op=getattr(ts, op), reg=reg, xg=xg, wt=wt):
+                                xg.grad = None
+                                (ts_op(xg, regularization=reg, regularization_strength=EPS)
+                                 * wt).sum().backward()
+                            calls["torchsort"] = t_backward
+                        repeats = max(5, min(a.repeats, int(2e7 / n)))
+                        timings = measure_rounds(calls, a.rounds, repeats, a.warmup,
+                                                 a.max_seconds)
+                        for impl, t in timings.items():
+                            t["ns_per_element"] = t["median_ms"] * 1e6 / n
+                            self.add(op="sweep", label=label, variant=reg, pass_="fwd+bwd",
+                                     shape=(1, n), dtype=dtype, impl=impl, timing=t)
+
+    # .. peak memory, one subprocess per case
+    def memory(self, shapes, dtypes):
+        """Peak extra memory of fwd+bwd per soft op and shape (see the module docstring)."""
+        impls = ["sortgrad"] + (["torchsort"] if self.torchsort is not None else [])
+        for shape in shapes:
+            for dtype in dtypes:
+                for op in SOFT_OPS:
+                    for reg in REGULARIZATIONS:
+                        label = f"{op}_{reg}"
+                        if not self.selected(label) or not self.has(op):
+                            continue
+                        for impl in impls:
+                            rec = _memory_subprocess(impl, op, reg, shape, dtype)
+                            rec.update(op="memory", label=label, variant=reg,
+                                       **{"pass": "fwd+bwd"}, shape=list(shape),
+                                       shape_str=format_shape(shape), dtype=dtype, impl=impl)
+                            self.records.append(rec)
+                            print(f"  memory {label:<13} {rec['shape_str']:>11} {dtype:<7} "
+                                  f"{impl:<9} "
+                                  + (f"{rec['peak_extra_bytes'] / 2**20:9.1f} MiB "
+                                     f"{rec['bytes_per_element']:6.1f} B/elem"
+                                     if rec.get("peak_extra_bytes") is not None
+                                     else f"failed: {rec.get('error')}"),
+                                  file=sys.stderr, flush=True)
 
     # .. conventions: sortgrad vs torchsort where the isotonic blocks really pool
     def conventions(self):
@@ -436,6 +573,107 @@ class Bench:
                      check=chk if impl == "jnp.sort" else None)
 
 
+def _cpu_flags() -> dict:
+    """The CPU's vector extensions (/proc/cpuinfo flags) and lscpu's caches, for the JSON."""
+    out = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                out["cpu_vector_extensions"] = [f for f in flags if f.startswith(
+                    ("sse", "ssse", "avx", "fma", "f16c", "amx"))]
+                break
+    except OSError:
+        pass
+    try:
+        import subprocess
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out["cpu_caches"] = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip()
+                             for ln in lscpu.splitlines() if " cache" in ln.split(":")[0]}
+        fam = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip()
+               for ln in lscpu.splitlines() if ln.split(":")[0].strip() in
+               ("CPU family", "Model", "Vendor ID", "Hypervisor vendor")}
+        out["cpu_id"] = fam
+    except Exception:
+        pass
+    return out
+
+
+def _memory_subprocess(impl, op, reg, shape, dtype) -> dict:
+    """Runs `_memory_case` in a fresh interpreter; its JSON record (or an error)."""
+    import json
+    import subprocess
+    spec = f"{impl},{op},{reg},{format_shape(shape)},{dtype}"
+    try:
+        done = subprocess.run([sys.executable, __file__, "--memory-case", spec],
+                              capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"peak_extra_bytes": None, "error": "timeout"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        return {"peak_extra_bytes": None, "error": (done.stderr or "")[-500:]}
+    return json.loads(lines[-1])
+
+
+def _proc_status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _memory_case(spec: str) -> dict:
+    """Child process: peak extra memory of one fwd+bwd (module docstring, --memory)."""
+    impl, op, reg, shape_s, dtype = spec.split(",")
+    shape = parse_shape(shape_s)
+    n = int(np.prod(shape))
+    rng = np.random.default_rng(0)
+    x_np = np.empty(shape, dtype)
+    w_np = np.empty(shape, dtype)
+    for r in range(shape[0]):  # no float64 temporaries of the whole array
+        x_np[r] = rng.standard_normal(shape[1])
+        w_np[r] = rng.standard_normal(shape[1])
+    tiny = np.ones((2, 600), dtype)
+    if impl == "sortgrad":
+        import sortgrad
+        sg_op = getattr(sortgrad, op)
+
+        def loss(x, w):
+            return (sg_op(x, regularization_strength=EPS, regularization=reg) * w).sum()
+        jax.block_until_ready(jax.jit(jax.grad(loss))(jnp.asarray(tiny), jnp.asarray(tiny)))
+        x, w = jnp.asarray(x_np), jnp.asarray(w_np)
+        del x_np, w_np
+        compiled = jax.jit(jax.grad(loss)).lower(x, w).compile()
+
+        def call():
+            return jax.block_until_ready(compiled(x, w))
+    else:
+        torch, ts, _ = load_torch(usable_cores())
+        ts_op = getattr(ts, op)
+        xg = torch.from_numpy(x_np).requires_grad_(True)
+        wt = torch.from_numpy(w_np)
+        t_small = torch.from_numpy(tiny).requires_grad_(True)
+        (ts_op(t_small, regularization=reg, regularization_strength=EPS)
+         * torch.from_numpy(tiny)).sum().backward()
+
+        def call():
+            (ts_op(xg, regularization=reg, regularization_strength=EPS) * wt).sum().backward()
+            return xg.grad
+    gc.collect()
+    before = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    out = call()
+    peak = _proc_status("VmHWM")
+    del out
+    extra = peak - before
+    return {"peak_extra_bytes": extra, "bytes_per_element": extra / n, "n_elements": n,
+            "rss_before_bytes": before,
+            "method": "VmHWM - VmRSS around the first full-size call, fresh process"}
+
+
 def _torchsort_f64(torch, ts_op, reg, x_np, w_np):
     """torchsort forward and gradient of (op(x) * w).sum() in float64 on x's values."""
     xg = torch.from_numpy(x_np.astype(np.float64)).requires_grad_(True)
@@ -500,6 +738,21 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="comma-separated shapes, e.g. 1024x1000,1x100000")
     p.add_argument("--dtypes", type=lambda s: [t for t in s.split(",") if t], default=None,
                    help="comma-separated dtypes (float32,float64)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of the soft-op timings (default 5, 2 smoke)")
+    p.add_argument("--long-rows", action="store_true",
+                   help="add the shapes " + ", ".join(format_shape(s) for s in LONG_SHAPES))
+    p.add_argument("--sweep", action="store_true",
+                   help="soft-op fwd+bwd time per element on one row of 2^10..2^22")
+    p.add_argument("--memory", action="store_true",
+                   help="peak extra memory of soft-op fwd+bwd (a subprocess per case) at "
+                        + ", ".join(format_shape(s) for s in MEMORY_SHAPES)
+                        + " (or --memory-shapes)")
+    p.add_argument("--memory-shapes", type=lambda s: [parse_shape(t) for t in s.split(",")
+                                                      if t], default=None)
+    p.add_argument("--no-main", action="store_true",
+                   help="skip the main shapes (only --sweep / --memory)")
+    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="skip the torchsort baseline")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -509,12 +762,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.memory_case:
+        import json
+        print(json.dumps(_memory_case(args.memory_case)))
+        return 0
     smoke = args.smoke
+    args.rounds = args.rounds or (2 if smoke else 5)
     args.repeats = args.repeats or (5 if smoke else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     args.max_seconds = args.max_seconds or (0.2 if smoke else 3.0)
     args.overhead_calls = args.overhead_calls or (200 if smoke else 2000)
     shapes = args.shapes or (SMOKE_SHAPES if smoke else SHAPES)
+    if args.long_rows:
+        shapes = shapes + [s for s in LONG_SHAPES if s not in shapes]
+    if args.no_main:
+        shapes = []
     dtypes = args.dtypes or DTYPES
     for d in dtypes:
         if d not in DTYPES:
@@ -553,8 +815,14 @@ def main(argv=None) -> int:
                 w_np = base_w.astype(dtype)
                 bench.soft(x_np, w_np, shape, dtype)
                 bench.hard(x_np, w_np, shape, dtype)
-        bench.overhead()
-        conventions = bench.conventions()
+        if args.sweep:
+            bench.sweep(dtypes)
+        if args.memory:
+            bench.memory(args.memory_shapes or ([(16, 1000)] if smoke else MEMORY_SHAPES),
+                         dtypes)
+        if not args.no_main:
+            bench.overhead()
+        conventions = bench.conventions() if not args.no_main else []
     else:
         conventions = []
     bench.link_ratios()
@@ -569,7 +837,7 @@ def main(argv=None) -> int:
                    "only": args.only, "seed": args.seed, "regularization_strength": EPS,
                    "top_k": TOP_K, "soft_tolerance": SOFT_TOL,
                    "timer": "time.perf_counter per call, jax.block_until_ready for JAX"},
-        "environment": cpu_environment(torch, torch_threads),
+        "environment": {**cpu_environment(torch, torch_threads), **_cpu_flags()},
         "elapsed_s": time.perf_counter() - t_start,
         "loadavg_start": load_start,
         "loadavg_end": load_end,

@@ -407,17 +407,22 @@ def _launched(emulator):
 
 @on_backends("cupy-emulated")
 def test_cupy_launches(backend):
-    """The composition (rows of n <= 2048): one sort launch, prep, one isotonic launch, finish
-    forward; prep, one isotonic VJP launch, finish backward."""
+    """The composition (rows of n <= 2048), forward: keys, one sort launch, prep, one isotonic
+    launch, the block starts and sums (one isotonic VJP launch), finish, the per-row fallback
+    (rank and mask); backward: [the block starts (KL rank)], prep, one isotonic VJP launch,
+    finish."""
     emulator = backend.emulator
     x, g = _inputs(33, "float64", 5)
     emulator.launches.clear()
     ranks, perm, ids = backend.call(OP, "soft_rank_rows", x, EPS, "kl", False)
-    assert _launched(emulator) == [("segmented_sort", None), ("soft", "soft_fwd_prep"),
-                                   ("isotonic", None), ("soft", "soft_finish")]
+    assert _launched(emulator) == [("soft", "soft_keys"), ("segmented_sort", None),
+                                   ("soft", "soft_fwd_prep"), ("isotonic", None),
+                                   ("soft", "soft_extents"), ("soft", "soft_mid"),
+                                   ("isotonic", None), ("soft", "soft_finish"),
+                                   ("soft", "soft_fallback")]
     backend.call(OP, "soft_rank_vjp_rows", g, x, ranks, perm, ids, EPS, "kl", False)
-    assert _launched(emulator) == [("soft", "soft_vjp_prep"), ("isotonic", None),
-                                   ("soft", "soft_finish")]
+    assert _launched(emulator) == [("soft", "soft_extents"), ("soft", "soft_vjp_prep"),
+                                   ("isotonic", None), ("soft", "soft_finish")]
 
 
 # --- the public API with backend arrays ----------------------------------------------------------
@@ -502,5 +507,5 @@ def test_empty(backend, shape):
 def test_cuda_sources_listed():
     """soft.cu's instantiations are listed for the NVRTC compile test and the loader."""
     expressions = soft_cupy.CUDA_SOURCES["soft.cu"]
-    assert len(set(expressions)) == len(expressions) == 6
+    assert len(set(expressions)) == len(expressions) == 12
     assert soft_cupy.DTYPES == ("float32", "float64")

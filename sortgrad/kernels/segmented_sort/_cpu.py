@@ -96,6 +96,38 @@ RADIX_BITS = 11
 RADIX_MIN_N = 512  # rows at least this long take the radix sort (measured: faster from ~400)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def radix_passes(keys_a, keys_b, cols_a, cols_b, counts):
+    """The LSD passes of `_radix_argsort_rows` over keys_a (with columns cols_a), given the
+    digit counts of every pass (counts[d, digit], as the counting pass leaves them; they are
+    overwritten). Ping-pongs between the a and b buffers; returns True where the sorted keys
+    and columns end up in the b buffers (an odd number of passes ran)."""
+    n = keys_a.shape[0]
+    passes, buckets = counts.shape
+    mask = np.uint64(buckets - 1)
+    swapped = False
+    for d in range(passes):
+        shift = np.uint64(d * RADIX_BITS)
+        if counts[d, (np.uint64(keys_a[0]) >> shift) & mask] == n:
+            continue  # one digit value in the whole row: the pass would not move anything
+        total = 0
+        for b in range(buckets):  # exclusive prefix sums: first slot of each digit
+            c = counts[d, b]
+            counts[d, b] = total
+            total += c
+        for j in range(n):
+            key = keys_a[j]
+            b = (np.uint64(key) >> shift) & mask
+            p = counts[d, b]
+            counts[d, b] = p + 1
+            keys_b[p] = key
+            cols_b[p] = cols_a[j]
+        keys_a, keys_b = keys_b, keys_a
+        cols_a, cols_b = cols_b, cols_a
+        swapped = not swapped
+    return swapped
+
+
 @row_parallel
 def _radix_argsort_rows(bits, spec, perm):
     """perm[r] = the stable argsort of row r by key_of(bits, spec), by LSD radix sort.
@@ -103,7 +135,8 @@ def _radix_argsort_rows(bits, spec, perm):
     Keys fit in the width of the dtype, so a row takes ceil(width / RADIX_BITS) passes; each
     pass is a stable counting scatter of (key, column) pairs, and passes whose digit is the
     same for the whole row are skipped. Columns start in increasing order, so equal keys keep
-    it: the result is the stable order without composite keys.
+    it: the result is the stable order without composite keys. The row's perm is one of the
+    column buffers (no copy where an even number of passes ran).
     """
     rows, n = bits.shape
     sp = spec_tuple(spec)
@@ -114,7 +147,7 @@ def _radix_argsort_rows(bits, spec, perm):
     for r in numba.prange(rows):
         keys_a = np.empty(n, dtype=bits.dtype)
         keys_b = np.empty(n, dtype=bits.dtype)
-        cols_a = np.empty(n, dtype=np.int32)
+        cols_a = perm[r]
         cols_b = np.empty(n, dtype=np.int32)
         counts = np.zeros((passes, buckets), dtype=np.int32)
         for j in range(n):
@@ -123,26 +156,9 @@ def _radix_argsort_rows(bits, spec, perm):
             cols_a[j] = j
             for d in range(passes):
                 counts[d, (key >> np.uint64(d * RADIX_BITS)) & mask] += 1
-        for d in range(passes):
-            shift = np.uint64(d * RADIX_BITS)
-            if counts[d, (np.uint64(keys_a[0]) >> shift) & mask] == n:
-                continue  # one digit value in the whole row: the pass would not move anything
-            total = 0
-            for b in range(buckets):  # exclusive prefix sums: first slot of each digit
-                c = counts[d, b]
-                counts[d, b] = total
-                total += c
+        if radix_passes(keys_a, keys_b, cols_a, cols_b, counts):
             for j in range(n):
-                key = keys_a[j]
-                b = (np.uint64(key) >> shift) & mask
-                p = counts[d, b]
-                counts[d, b] = p + 1
-                keys_b[p] = key
-                cols_b[p] = cols_a[j]
-            keys_a, keys_b = keys_b, keys_a
-            cols_a, cols_b = cols_b, cols_a
-        for j in range(n):
-            perm[r, j] = cols_a[j]
+                cols_a[j] = cols_b[j]
 
 
 def _sort_each_row(a: np.ndarray) -> None:
