@@ -212,27 +212,34 @@ def _block_stop(block_row, p, b):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _l2_one_block_out(s, p, q, n, k, perm_row, out_row, lo, hi):
+    """out[perm[i]] = clip((s_i - s_p) - mean(s_B - s_p) + mean(w_B), lo, hi) for the block
+    B = [p, q); w = rho (k < 0) or the k-hot vector; a singleton gets mean(w_B) exactly."""
+    cnt = q - p
+    if k < 0:
+        mw = n - 0.5 * (p + q - 1)
+    else:
+        mw = max(0, min(q, k) - p) / cnt
+    if cnt == 1:
+        out_row[perm_row[p]] = min(max(mw, lo), hi)
+        return
+    base = s[p]
+    total = 0.0
+    for i in range(p, q):
+        total += s[i] - base
+    md = total / cnt
+    for i in range(p, q):
+        out_row[perm_row[i]] = min(max(((s[i] - base) - md) + mw, lo), hi)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _l2_block_out(s, block_row, a, b, n, k, perm_row, out_row, lo, hi):
     """out[perm[i]] = clip((s_i - s_p) - mean(s_B - s_p) + mean(w_B), lo, hi) for each block
     B = [p, q) in [a, b); w = rho (k < 0) or the k-hot vector."""
     p = a
     while p < b:
         q = _block_stop(block_row, p, b)
-        cnt = q - p
-        if k < 0:
-            mw = n - 0.5 * (p + q - 1)
-        else:
-            mw = max(0, min(q, k) - p) / cnt
-        if cnt == 1:
-            out_row[perm_row[p]] = min(max(mw, lo), hi)
-        else:
-            base = s[p]
-            total = 0.0
-            for i in range(p, q):
-                total += s[i] - base
-            md = total / cnt
-            for i in range(p, q):
-                out_row[perm_row[i]] = min(max(((s[i] - base) - md) + mw, lo), hi)
+        _l2_one_block_out(s, p, q, n, k, perm_row, out_row, lo, hi)
         p = q
 
 
@@ -375,22 +382,8 @@ def _l2_stack_out(s, top, counts, n, k, perm_row, out_row, lo, hi):
     stack (counts) into the block ids."""
     q = n
     for b in range(top, -1, -1):
-        cnt = counts[b]
-        p = q - cnt
-        if k < 0:
-            mw = n - 0.5 * (p + q - 1)
-        else:
-            mw = max(0, min(q, k) - p) / cnt
-        if cnt == 1:
-            out_row[perm_row[p]] = min(max(mw, lo), hi)
-        else:
-            base = s[p]
-            total = 0.0
-            for i in range(p, q):
-                total += s[i] - base
-            md = total / cnt
-            for i in range(p, q):
-                out_row[perm_row[i]] = min(max(((s[i] - base) - md) + mw, lo), hi)
+        p = q - counts[b]
+        _l2_one_block_out(s, p, q, n, k, perm_row, out_row, lo, hi)
         for i in range(p, q):
             counts[i] = b
         q = p
