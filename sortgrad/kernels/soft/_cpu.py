@@ -688,6 +688,20 @@ def _block_mean(s, p, q):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _sort_l2_one_block_out(s, p, q, eps, inv_eps, inv_finite, sign, lo, hi, out_row):
+    """The L2 soft sort of block [p, q): mean(s_B) + (centre_B - i)/eps clipped to [lo, hi],
+    signed (+0.0 for a zero); a singleton keeps its input bits (sign * s_p)."""
+    if q - p == 1:
+        out_row[p] = sign * s[p]
+        return
+    mean = _block_mean(s, p, q)
+    centre = 0.5 * (p + q - 1)
+    for i in range(p, q):
+        v = min(max(mean + _over_eps(centre - i, eps, inv_eps, inv_finite), lo), hi)
+        out_row[i] = sign * v + 0.0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _sort_l2_out(s, block_row, eps, inv_eps, sign, out_row):
     """out_i = sign * (mean(s_B) + (rho_i - mean(rho_B)) / eps), within [min s, max s]; a
     singleton block gives its input value itself (bits, sign of zero included), a pooled
@@ -699,14 +713,7 @@ def _sort_l2_out(s, block_row, eps, inv_eps, sign, out_row):
     p = 0
     while p < n:
         q = _block_stop(block_row, p, n)
-        if q - p == 1:
-            out_row[p] = sign * s[p]
-        else:
-            mean = _block_mean(s, p, q)
-            centre = 0.5 * (p + q - 1)
-            for i in range(p, q):
-                v = min(max(mean + _over_eps(centre - i, eps, inv_eps, inv_finite), lo), hi)
-                out_row[i] = sign * v + 0.0
+        _sort_l2_one_block_out(s, p, q, eps, inv_eps, inv_finite, sign, lo, hi, out_row)
         p = q
 
 
@@ -721,14 +728,7 @@ def _sort_l2_stack_out(s, top, counts, eps, inv_eps, sign, out_row):
     q = n
     for b in range(top, -1, -1):
         p = q - counts[b]
-        if q - p == 1:
-            out_row[p] = sign * s[p]
-        else:
-            mean = _block_mean(s, p, q)
-            centre = 0.5 * (p + q - 1)
-            for i in range(p, q):
-                v = min(max(mean + _over_eps(centre - i, eps, inv_eps, inv_finite), lo), hi)
-                out_row[i] = sign * v + 0.0
+        _sort_l2_one_block_out(s, p, q, eps, inv_eps, inv_finite, sign, lo, hi, out_row)
         for i in range(p, q):
             counts[i] = b
         q = p
